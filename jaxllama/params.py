@@ -1,0 +1,168 @@
+"""GGUF tensors -> a Flax parameter pytree with per-layer weights stacked for `lax.scan`.
+
+Layout (`L` layers, `D` width, `F` feed-forward width, `H`/`K` query/KV heads of size `d`,
+`V` vocabulary); matrices use Flax's `Dense` convention, `kernel[in, out]`, so `y = x @ kernel`:
+
+    {"params": {
+        "token_embd":  {"embedding": [V, D]},
+        "layers": {
+            "attn_norm":   {"scale":  [L, D]},
+            "attn_q":      {"kernel": [L, D, H*d]},
+            "attn_k":      {"kernel": [L, D, K*d]},
+            "attn_v":      {"kernel": [L, D, K*d]},
+            "attn_output": {"kernel": [L, H*d, D]},
+            "ffn_norm":    {"scale":  [L, D]},
+            "ffn_gate":    {"kernel": [L, D, F]},
+            "ffn_up":      {"kernel": [L, D, F]},
+            "ffn_down":    {"kernel": [L, F, D]},
+        },
+        "output_norm": {"scale":  [D]},
+        "output":      {"kernel": [D, V]},          # only when not tied to token_embd
+        "rope":        {"freq_factors": [rope_dim // 2]},  # only with a rope_freqs tensor
+    }}
+
+Q and K rows keep GGUF's order (the HF->GGUF converter permuted them so that RoPE rotates
+adjacent pairs). Norm scales stay float32; matrices and the embedding take `dtype`.
+A later quantized path can replace a `kernel` leaf by a dict of blocks and scales.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .config import LlamaConfig
+from .dequant import KERNELS, dequantize_blocks, dequantize_numpy
+from .errors import UnsupportedModelError
+from .gguf_file import GGUFFile
+
+Params = dict[str, Any]
+
+LAYER_NORMS = ("attn_norm", "ffn_norm")
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def gguf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Expected numpy-order shape of every tensor of a GGUF with config `c` (layer 0 stands for all)."""
+    q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    shapes = {
+        "token_embd.weight": (c.vocab_size, c.d_model),
+        "output_norm.weight": (c.d_model,),
+    }
+    if not c.tied_output:
+        shapes["output.weight"] = (c.vocab_size, c.d_model)
+    if c.has_rope_freqs:
+        shapes["rope_freqs.weight"] = (c.rope_dim // 2,)
+    layer = {
+        "attn_norm": (c.d_model,),
+        "attn_q": (q, c.d_model),
+        "attn_k": (kv, c.d_model),
+        "attn_v": (kv, c.d_model),
+        "attn_output": (c.d_model, q),
+        "ffn_norm": (c.d_model,),
+        "ffn_gate": (c.d_ff, c.d_model),
+        "ffn_up": (c.d_ff, c.d_model),
+        "ffn_down": (c.d_model, c.d_ff),
+    }
+    for i in range(c.n_layer):
+        shapes.update({f"blk.{i}.{k}.weight": v for k, v in layer.items()})
+    return shapes
+
+
+def _check_tensors(f: GGUFFile, c: LlamaConfig) -> None:
+    expected = gguf_shapes(c)
+    for name, shape in expected.items():
+        if name not in f.tensors:
+            raise UnsupportedModelError(f"{f.path}: missing tensor {name!r}")
+        if f.tensors[name].shape != shape:
+            raise UnsupportedModelError(
+                f"{f.path}: tensor {name!r} has shape {list(f.tensors[name].shape)}, expected {list(shape)}"
+            )
+    extra = sorted(set(f.tensors) - set(expected))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise UnsupportedModelError(f"{f.path}: unsupported tensors {', '.join(extra[:3])}{more}")
+
+
+def _raw(f: GGUFFile, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """A tensor's bytes and the type a JAX kernel reads them as (fallback types pre-decoded to F32)."""
+    info = f.tensors[name]
+    raw = f.raw(name)
+    if info.ggml_type in KERNELS:
+        return raw, info.ggml_type
+    values = dequantize_numpy(raw, info.ggml_type)
+    return values.view(np.uint8), GGMLQuantizationType.F32
+
+
+@partial(jax.jit, static_argnames=("spec", "dtype"))
+def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any) -> dict[str, jax.Array]:
+    """Dequantize, stack, transpose and cast everything in one compiled program.
+
+    Keys are '/'-joined parameter paths. `spec` holds, per path, `(kind, ((type, layer indices), ...))`; each group of
+    layers of one type is dequantized in one batch, then groups are put back in layer order.
+    """
+    out: Params = {}
+    for path, kind, groups in spec:
+        parts, order = [], []
+        for (ggml_type, layers), raw in zip(groups, raws[path]):
+            parts.append(dequantize_blocks(raw, ggml_type))
+            order.extend(layers)
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)[jnp.argsort(jnp.array(order))]
+        if kind == "kernel":
+            x = jnp.swapaxes(x, -1, -2).astype(dtype)
+        elif kind == "embedding":
+            x = x.astype(dtype)
+        out[path] = x
+    return out
+
+
+def params_from_gguf(f: GGUFFile, c: LlamaConfig, dtype: str = "float32") -> Params:
+    """Convert the tensors of `f` into the parameter pytree documented above."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    _check_tensors(f, c)
+    single = {
+        ("token_embd", "embedding"): "token_embd.weight",
+        ("output_norm", "scale"): "output_norm.weight",
+    }
+    if not c.tied_output:
+        single[("output", "kernel")] = "output.weight"
+    if c.has_rope_freqs:
+        single[("rope", "freq_factors")] = "rope_freqs.weight"
+
+    spec, raws = [], {}
+    for path, name in single.items():
+        raw, t = _raw(f, name)
+        spec.append((path, path[-1], ((t, (0,)),)))
+        raws[path] = [raw]
+    for short in LAYER_NORMS + LAYER_MATRICES:
+        by_type: dict[GGMLQuantizationType, list[int]] = {}
+        decoded = [_raw(f, f"blk.{i}.{short}.weight") for i in range(c.n_layer)]
+        for i, (_, t) in enumerate(decoded):
+            by_type.setdefault(t, []).append(i)
+        path = ("layers", short, "scale" if short in LAYER_NORMS else "kernel")
+        spec.append((path, path[-1], tuple((t, tuple(idx)) for t, idx in by_type.items())))
+        raws[path] = [np.stack([decoded[i][0] for i in idx]) for idx in by_type.values()]
+    # jit needs string keys in pytrees: key the inputs by the joined path.
+    keyed = {"/".join(p): v for p, v in raws.items()}
+    spec_keyed = tuple(("/".join(p), k, g) for p, k, g in spec)
+    flat = _convert(keyed, spec_keyed, DTYPES[dtype])
+    return _unflatten_paths(flat)
+
+
+def _unflatten_paths(tree: dict[str, jax.Array]) -> Params:
+    """Turn `_convert`'s '/'-joined keys back into nested dicts under "params"."""
+    out: Params = {}
+    for key, value in tree.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return {"params": out}
