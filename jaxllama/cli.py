@@ -1,0 +1,186 @@
+"""Command line: `jaxllama info` and `jaxllama logits` (also `python -m jaxllama`).
+
+Every failure is one line on stderr and a non-zero exit: 2 for usage errors, 1 for bad
+input or files; an unexpected internal error prints one line too (exit 3), with the
+traceback only when JAXLLAMA_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InvalidInputError, JaxLlamaError
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jaxllama", description="Run and inspect Llama-family GGUF models in JAX.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="summarise a GGUF file: architecture, sizes, tensor types, tokenizer")
+    _model_arg(info)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    lg = sub.add_parser("logits", help="write the float32 logits [T, vocab] of exactly the given tokens")
+    _model_arg(lg)
+    lg.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,2,3 (no BOS is added)")
+    lg.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the .npy array")
+    lg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    return ap
+
+
+def parse_token_list(text: str, what: str = "--tokens") -> list[int]:
+    """'1, 2,3' -> [1, 2, 3]; a clear error for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip():
+        raise InvalidInputError(f"{what}: empty token list")
+    ids = []
+    for p in parts:
+        try:
+            ids.append(int(p))
+        except ValueError:
+            raise InvalidInputError(f"{what}: {p!r} is not an integer token id") from None
+    return ids
+
+
+def _model_path(arg: str | None) -> Path:
+    from .default_model import default_model_path
+
+    return default_model_path() if arg is None else Path(arg)
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """What `jaxllama info` shows, as data."""
+    from .config import LlamaConfig
+    from .gguf_file import read_gguf
+
+    f = read_gguf(path)
+    md = f.metadata
+    types = Counter(t.type_name for t in f.tensors.values())
+    n_params = sum(math.prod(t.shape) for t in f.tensors.values())
+    out: dict[str, Any] = {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "gguf_version": f.version,
+        "architecture": f.architecture,
+        "name": md.get("general.name"),
+        "tensors": len(f.tensors),
+        "parameters": n_params,
+        "tensor_types": dict(types.most_common()),
+    }
+    try:
+        out["config"] = LlamaConfig.from_gguf(f).to_dict()
+        out["supported"] = True
+    except JaxLlamaError as e:
+        out["supported"] = False
+        out["unsupported_reason"] = str(e).removeprefix(f"{path}: ")
+    tokens = md.get("tokenizer.ggml.tokens")
+    out["tokenizer"] = {
+        "model": md.get("tokenizer.ggml.model"),
+        "pre": md.get("tokenizer.ggml.pre"),
+        "vocab_size": len(tokens) if tokens is not None else None,
+        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+        "add_bos_token": md.get("tokenizer.ggml.add_bos_token"),
+        "chat_template": "tokenizer.chat_template" in md,
+    }
+    return out
+
+
+def _print_info(s: dict[str, Any]) -> None:
+    rows = [
+        ("file", s["file"]),
+        ("size", f"{s['size_bytes']:,} bytes"),
+        ("gguf version", s["gguf_version"]),
+        ("architecture", s["architecture"]),
+        ("name", s["name"]),
+        ("tensors", f"{s['tensors']} ({s['parameters']:,} parameters)"),
+        ("tensor types", ", ".join(f"{k}: {v}" for k, v in s["tensor_types"].items()) or "none (vocab-only file)"),
+    ]
+    if s["supported"]:
+        c = s["config"]
+        rows += [
+            ("layers", c["n_layer"]),
+            ("width", f"{c['d_model']} (feed-forward {c['d_ff']})"),
+            ("heads", f"{c['n_head']} query, {c['n_head_kv']} key/value, size {c['head_dim']}"),
+            ("rope", f"base {c['rope_base']:g}, dims {c['rope_dim']}, linear scale {c['rope_scale']:g}"
+                     + (", rope_freqs" if c["has_rope_freqs"] else "")),
+            ("rms eps", f"{c['rms_eps']:g}"),
+            ("vocab", c["vocab_size"]),
+            ("context", c["context_length"]),
+            ("output", "tied to token_embd" if c["tied_output"] else "output.weight"),
+        ]
+    else:
+        rows.append(("supported", f"no: {s['unsupported_reason']}"))
+    t = s["tokenizer"]
+    rows += [
+        ("tokenizer", f"{t['model']} (pre {t['pre']}), {t['vocab_size']} tokens, bos {t['bos_token_id']}, "
+                      f"eos {t['eos_token_id']}, add_bos {t['add_bos_token']}"),
+        ("chat template", "present" if t["chat_template"] else "absent"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    summary = summarize(_model_path(args.model))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_info(summary)
+    return 0
+
+
+def _cmd_logits(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .loader import load
+
+    tokens = parse_token_list(args.tokens)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"--out: directory {out.parent} does not exist")
+    model = load(_model_path(args.model), dtype=args.dtype)
+    logits = model.logits(tokens)
+    try:
+        np.save(out, logits)
+    except OSError as e:
+        raise InvalidInputError(f"--out: cannot write {out}: {e.strerror or e}") from None
+    print(f"wrote {out}: float32 logits of shape {list(logits.shape)}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"info": _cmd_info, "logits": _cmd_logits}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except JaxLlamaError as e:
+        print(f"jaxllama: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jaxllama: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never show a traceback to a CLI user unless asked
+        if os.environ.get("JAXLLAMA_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"jaxllama: internal error: {type(e).__name__}: {msg} (JAXLLAMA_DEBUG=1 shows details)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
