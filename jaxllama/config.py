@@ -96,7 +96,13 @@ class LlamaConfig:
             raise UnsupportedModelError(
                 f"{f.path}: invalid sizes: {n_layer} layers, width {d_model}, {n_head} heads, {n_head_kv} KV heads"
             )
+        if n_layer * 9 > len(f.tensors):
+            raise UnsupportedModelError(
+                f"{f.path}: {arch}.block_count is {n_layer} but the file has only {len(f.tensors)} tensors"
+            )
         head_dim = get("attention.key_length", int, d_model // n_head)
+        if head_dim <= 0:
+            raise UnsupportedModelError(f"{f.path}: head size {head_dim} from {n_head} heads of width {d_model}")
         if get("attention.value_length", int, head_dim) != head_dim:
             raise UnsupportedModelError(f"{f.path}: key and value head sizes differ")
         rope_dim = get("rope.dimension_count", int, head_dim)
@@ -112,6 +118,9 @@ class LlamaConfig:
             raise UnsupportedModelError(f"{f.path}: unsupported rope scaling type {scaling!r} (supported: none, linear)")
 
         embd = f.tensors["token_embd.weight"]
+        context_length = get("context_length", int)
+        if context_length <= 0:
+            raise UnsupportedModelError(f"{f.path}: {arch}.context_length is {context_length}")
         return cls(
             n_layer=n_layer,
             d_model=d_model,
@@ -125,7 +134,7 @@ class LlamaConfig:
             has_rope_freqs="rope_freqs.weight" in f.tensors,
             rms_eps=float(get("attention.layer_norm_rms_epsilon", (int, float), 1e-5)),
             vocab_size=embd.shape[0],
-            context_length=get("context_length", int),
+            context_length=context_length,
             tied_output="output.weight" not in f.tensors,
         )
 

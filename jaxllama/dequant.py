@@ -188,12 +188,12 @@ def dequantize_blocks(raw: jax.Array, ggml_type: GGMLQuantizationType) -> jax.Ar
     return values.reshape(*lead, raw.shape[-1] // size * block)
 
 
-def dequantize_numpy(raw: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """uint8 `[..., row_bytes]` -> float32 through `gguf.quants` (the fallback, and the oracle)."""
+def dequantize_numpy(raw: np.ndarray, ggml_type: GGMLQuantizationType, what: str = "tensor") -> np.ndarray:
+    """uint8 `[..., row_bytes]` -> float32 through `gguf.quants` (the fallback types)."""
     try:
         return quants.dequantize(np.ascontiguousarray(raw), ggml_type).astype(np.float32, copy=False)
     except NotImplementedError:
-        raise UnsupportedModelError(f"tensor type {ggml_type.name} cannot be dequantized") from None
+        raise UnsupportedModelError(f"{what}: tensor type {ggml_type.name} cannot be dequantized") from None
 
 
 _jitted = jax.jit(dequantize_blocks, static_argnums=1)

@@ -96,7 +96,7 @@ def _raw(f: GGUFFile, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     raw = f.raw(name)
     if info.ggml_type in KERNELS:
         return raw, info.ggml_type
-    values = dequantize_numpy(raw, info.ggml_type)
+    values = dequantize_numpy(raw, info.ggml_type, f"{f.path}: tensor {name!r}")
     return values.view(np.uint8), GGMLQuantizationType.F32
 
 

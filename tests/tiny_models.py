@@ -18,6 +18,7 @@ T = gguf.GGMLQuantizationType
 # byte offsets of the float16 scale fields inside one block, and the largest factor the
 # packed sub-scales and quants multiply that scale by, per K-quant
 _K_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+QUANTIZABLE = {T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
 _K_RANGE = {T.Q2_K: 45, T.Q3_K: 128, T.Q4_K: 945, T.Q5_K: 1953, T.Q6_K: 4064}
 
 
@@ -39,6 +40,7 @@ class TinySpec:
     overrides: dict = field(default_factory=dict, hash=False)
     embd_type: T = T.F32
     architecture: str = "llama"
+    drop: tuple[str, ...] = ()  # tensor names to leave out (for error tests)
 
 
 def random_blocks(qtype: T, n_values: int, rng: np.random.Generator) -> np.ndarray:
@@ -60,7 +62,10 @@ def encode(values: np.ndarray, qtype: T, rng: np.random.Generator) -> tuple[np.n
     if qtype in _K_SCALES:
         rows = values.shape[0]
         return random_blocks(qtype, values.size, rng).reshape(rows, -1), qtype
-    return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
+    block, size = gguf.GGML_QUANT_SIZES[qtype]  # anything else: random bytes
+    return rng.integers(0, 256, size=(values.size // block, size), dtype=np.uint8).reshape(values.shape[0], -1), qtype
 
 
 def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
@@ -93,6 +98,8 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0
 
     def add(name: str, values: np.ndarray, qtype: T) -> None:
         data, raw_dtype = encode(values, qtype, rng)
+        if name in s.drop:
+            return
         w.add_tensor(name, data, raw_dtype=raw_dtype)
 
     def mat(rows: int, cols: int) -> np.ndarray:
