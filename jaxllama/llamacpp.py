@@ -19,7 +19,8 @@ from .errors import JaxLlamaError
 
 
 class ReferenceUnavailableError(JaxLlamaError):
-    """llama-cpp-python is not installed (it comes with the `dev` extra)."""
+    """llama.cpp cannot serve as the reference: llama-cpp-python missing (it comes with the
+    `dev` extra), or it failed to load the file."""
 
 
 def _llama_cpp() -> Any:

@@ -6,6 +6,7 @@ data, no pickle) and reloaded with `load(path)` without dequantizing again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,8 +22,10 @@ from .config import LlamaConfig
 from .default_model import default_model_path, sha256_file
 from .errors import GGUFFormatError, InvalidInputError, JaxLlamaError
 from .gguf_file import GGUF_MAGIC, read_gguf
-from .model import Params, forward_jit
+from .actquant import act_quant_plan
+from .model import Params, forward_capture_jit
 from .params import DTYPES, params_from_gguf
+from .trace import active_recorder
 
 SAVED_FORMAT = "jaxllama-params"
 SAVED_VERSION = 1
@@ -37,6 +40,9 @@ class Model:
     metadata: dict[str, Any] = field(repr=False)
     source: Path
     source_sha256: str | None = field(default=None, repr=False)
+    tensor_types: dict[str, str] = field(default_factory=dict, repr=False)
+    #: static plan of llama.cpp activation quantization to emulate (see `with_act_quant`)
+    act_quant: tuple[tuple[str, str | None], ...] | None = field(default=None, repr=False)
 
     @cached_property
     def sha256(self) -> str:
@@ -51,11 +57,34 @@ class Model:
         """Validate one sequence of token ids; return it as int32. Raises `InvalidInputError`."""
         return check_tokens(tokens, self.config, what)
 
+    def with_act_quant(self, enabled: bool = True) -> "Model":
+        """This model, emulating (or not) llama.cpp's activation quantization for its weight types."""
+        plan = act_quant_plan(self.tensor_types, self.config.n_layer) if enabled else None
+        return dataclasses.replace(self, act_quant=plan)
+
+    def _run(self, tokens: np.ndarray, valid: np.ndarray | None, scan_layers: bool = True) -> np.ndarray:
+        """The jitted forward on `[B, T]` ids, under the active `trace` recorder if there is one."""
+        rec = active_recorder()
+        spec = rec.spec_for(self.config) if rec else None
+        if rec:
+            rec.begin_call(np.ones(tokens.shape, bool) if valid is None else valid)
+        out, captures = forward_capture_jit(
+            self.params,
+            jnp.asarray(tokens),
+            self.config,
+            None if valid is None else jnp.asarray(valid),
+            scan_layers=scan_layers,
+            probes=spec,
+            act_quant=self.act_quant,
+        )
+        if rec:
+            rec.end_call(captures)
+        return np.asarray(out)
+
     def logits(self, tokens: Sequence[int] | np.ndarray, scan_layers: bool = True) -> np.ndarray:
         """float32 logits `[T, vocab]` of exactly these token ids (no BOS is added)."""
         ids = self.check_tokens(tokens)
-        out = forward_jit(self.params, jnp.asarray(ids)[None], self.config, scan_layers=scan_layers)
-        return np.asarray(out[0])
+        return self._run(ids[None], None, scan_layers)[0]
 
     def logits_batch(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Logits for sequences of different lengths in one padded, masked forward call."""
@@ -67,7 +96,7 @@ class Model:
         valid = np.zeros((len(checked), width), bool)
         for i, r in enumerate(checked):
             tokens[i, : len(r)], valid[i, : len(r)] = r, True
-        out = np.asarray(forward_jit(self.params, jnp.asarray(tokens), self.config, jnp.asarray(valid)))
+        out = self._run(tokens, valid)
         return [out[i, : len(r)] for i, r in enumerate(checked)]
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -78,6 +107,7 @@ class Model:
             "config": self.config.to_dict(),
             "source": {"path": str(self.source), "sha256": self.sha256},
             "metadata": self.metadata,
+            "tensor_types": self.tensor_types,
             "params": jax.tree.map(np.asarray, self.params),
         }
         path = Path(path)
@@ -123,7 +153,8 @@ def load(model: str | os.PathLike | None = None, dtype: str = "float32") -> Mode
     f = read_gguf(path)
     config = LlamaConfig.from_gguf(f)
     params = params_from_gguf(f, config, dtype)
-    return Model(config, params, f.metadata, path, None)
+    types = {name: t.type_name for name, t in f.tensors.items()}
+    return Model(config, params, f.metadata, path, None, types)
 
 
 def _is_saved(path: Path) -> bool:
@@ -145,7 +176,9 @@ def _load_saved(path: Path) -> Model:
         config = LlamaConfig.from_dict(blob["config"])
         params = jax.tree.map(jnp.asarray, blob["params"])
         source = blob["source"]
-        return Model(config, params, blob["metadata"], Path(source["path"]), source["sha256"])
+        return Model(
+            config, params, blob["metadata"], Path(source["path"]), source["sha256"], blob["tensor_types"]
+        )
     except JaxLlamaError:
         raise
     except Exception as e:  # msgpack/structure errors on a damaged file

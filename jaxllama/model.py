@@ -9,15 +9,25 @@ weight dtype; matrix products use full float32 precision on every backend.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .actquant import fake_quant
 from .config import LlamaConfig
+from .probes import (
+    GLOBAL_PROBES,
+    LAYER_PROBES,
+    ProbeSpec,
+    capture_slots,
+    emit_stats,
+    make_tap,
+    probe_shape,
+    store_captures,
+)
 
 Params = dict[str, Any]
 MASKED = -1e30  # finite, so a row with no visible key gives uniform weights, not NaN
@@ -83,18 +93,45 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, c: Llam
     return out.reshape(b, t, c.n_head * c.head_dim)
 
 
-def block(x: jax.Array, p: Params, angles: jax.Array, mask: jax.Array, c: LlamaConfig) -> jax.Array:
-    """One transformer block on the residual stream x `[B, T, D]`; `p` holds this layer's leaves."""
+Tap = Callable[[str, jax.Array], jax.Array]
+
+
+def no_tap(name: str, x: jax.Array) -> jax.Array:
+    """The default tap: observe nothing, change nothing (adds nothing to the program)."""
+    return x
+
+
+def block(
+    x: jax.Array,
+    p: Params,
+    angles: jax.Array,
+    mask: jax.Array,
+    c: LlamaConfig,
+    tap: Tap = no_tap,
+    act_quant: Mapping[str, str | None] | None = None,
+) -> jax.Array:
+    """One transformer block on the residual stream x `[B, T, D]`; `p` holds this layer's leaves.
+
+    Every named intermediate passes through `tap(name, value)` (see `probes.LAYER_PROBES`),
+    which may record it or replace it. `act_quant` maps a matrix name to the llama.cpp
+    activation type to emulate in front of it (see `actquant`).
+    """
+    aq = act_quant or {}
+
+    def mm(name: str, h: jax.Array) -> jax.Array:
+        return dense(fake_quant(h, aq.get(name)), p[name]["kernel"])
+
     b, t, _ = x.shape
-    h = rms_norm(x, p["attn_norm"]["scale"], c.rms_eps)
-    q = dense(h, p["attn_q"]["kernel"]).reshape(b, t, c.n_head, c.head_dim)
-    k = dense(h, p["attn_k"]["kernel"]).reshape(b, t, c.n_head_kv, c.head_dim)
-    v = dense(h, p["attn_v"]["kernel"]).reshape(b, t, c.n_head_kv, c.head_dim)
-    q, k = apply_rope(q, angles, c.rope_dim), apply_rope(k, angles, c.rope_dim)
-    x = x + dense(attention(q, k, v, mask, c), p["attn_output"]["kernel"])
-    h = rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps)
-    gated = jax.nn.silu(dense(h, p["ffn_gate"]["kernel"])) * dense(h, p["ffn_up"]["kernel"])
-    return x + dense(gated, p["ffn_down"]["kernel"])
+    h = tap("attn_norm", rms_norm(x, p["attn_norm"]["scale"], c.rms_eps))
+    q = tap("Qcur", apply_rope(mm("attn_q", h).reshape(b, t, c.n_head, c.head_dim), angles, c.rope_dim))
+    k = tap("Kcur", apply_rope(mm("attn_k", h).reshape(b, t, c.n_head_kv, c.head_dim), angles, c.rope_dim))
+    v = tap("Vcur", mm("attn_v", h).reshape(b, t, c.n_head_kv, c.head_dim))
+    a = tap("kqv_out", attention(q, k, v, mask, c))
+    x = tap("ffn_inp", x + tap("attn_out", mm("attn_output", a)))
+    h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
+    gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
+    s = tap("ffn_swiglu", jax.nn.silu(gate) * up)
+    return tap("l_out", x + tap("ffn_out", mm("ffn_down", s)))
 
 
 def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -119,31 +156,79 @@ def forward(
     config: LlamaConfig,
     valid: jax.Array | None = None,
     scan_layers: bool = True,
+    probes: ProbeSpec | None = None,
+    act_quant: tuple[tuple[str, str | None], ...] | None = None,
 ) -> jax.Array:
     """Logits `[B, T, vocab]` (float32) for int tokens `[B, T]`; pure and jit-able.
 
-    `config` and `scan_layers` are static. Token ids must lie in `[0, vocab)`: this function
-    cannot raise inside jit, so `Model.logits` checks them first. `scan_layers=False` unrolls
-    the layers (same numbers, compile time grows with depth).
+    `config`, `scan_layers`, `probes` and `act_quant` are static. Token ids must lie in
+    `[0, vocab)`: this function cannot raise inside jit, so `Model.logits` checks them first.
+    `scan_layers=False` unrolls the layers (same numbers, compile time grows with depth).
+    `probes` selects statistics (sent through `jax.debug.callback`) and interventions; use
+    `forward_capture` to also get captured activations. `act_quant` emulates llama.cpp's
+    activation quantization (`actquant.act_quant_plan`).
+    """
+    return forward_capture(params, tokens, config, valid, scan_layers, probes, act_quant)[0]
+
+
+def forward_capture(
+    params: Params,
+    tokens: jax.Array,
+    config: LlamaConfig,
+    valid: jax.Array | None = None,
+    scan_layers: bool = True,
+    probes: ProbeSpec | None = None,
+    act_quant: tuple[tuple[str, str | None], ...] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`forward`, also returning the activations `probes.capture` asks for.
+
+    Captures are `{probe: [n_layers_kept, B, T, ...]}` for layer probes (layers in
+    `probes.capture_layers`, ascending) and `{probe: [B, T, ...]}` for global ones.
     """
     p = params["params"]
     c = config
+    spec = probes or ProbeSpec()
+    aq = dict(act_quant or ())
     positions, mask = positions_and_mask(tokens, valid)
+    valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
     angles = rope_angles(positions, c, freq_factors)
-    x = jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32)
 
-    step = partial(block, angles=angles, mask=mask, c=c)
+    glob: dict[str, jax.Array] = {}
+    gtap = make_tap(spec, jnp.int32(-1), glob, positions)
+    x = gtap("inp_embd", jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32))
+
+    kept = capture_slots(spec, c)
+    bufs = {
+        name: jnp.zeros((sum(s >= 0 for s in kept), *probe_shape(name, c, *tokens.shape)), jnp.float32)
+        for name in spec.capture
+        if name in LAYER_PROBES
+    }
+    slot_table = jnp.asarray(kept, jnp.int32)
+
+    def body(carry, xs):
+        x, bufs = carry
+        lp, layer = xs
+        seen: dict[str, jax.Array] = {}
+        x = block(x, lp, angles, mask, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
+        emit_stats(spec, layer, seen, valid_rows, LAYER_PROBES)
+        bufs = store_captures(bufs, seen, slot_table[layer])
+        return (x, bufs), None
+
+    layer_ids = jnp.arange(c.n_layer, dtype=jnp.int32)
     if scan_layers:
-        x, _ = lax.scan(lambda h, lp: (step(h, lp), None), x, p["layers"])
+        (x, bufs), _ = lax.scan(body, (x, bufs), (p["layers"], layer_ids))
     else:
         for i in range(c.n_layer):
-            x = step(x, jax.tree.map(lambda a: a[i], p["layers"]))
+            (x, bufs), _ = body((x, bufs), (jax.tree.map(lambda a: a[i], p["layers"]), layer_ids[i]))
 
-    x = rms_norm(x, p["output_norm"]["scale"], c.rms_eps)
-    if c.tied_output:
-        return dense(x, p["token_embd"]["embedding"].T)
-    return dense(x, p["output"]["kernel"])
+    x = gtap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
+    out_kernel = p["token_embd"]["embedding"].T if c.tied_output else p["output"]["kernel"]
+    logits = gtap("result_output", dense(fake_quant(x, aq.get("output")), out_kernel))
+    emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES)
+    captures = {**bufs, **{n: glob[n] for n in spec.capture if n in GLOBAL_PROBES}}
+    return logits, captures
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "scan_layers"))
+forward_jit = jax.jit(forward, static_argnames=("config", "scan_layers", "probes", "act_quant"))
+forward_capture_jit = jax.jit(forward_capture, static_argnames=("config", "scan_layers", "probes", "act_quant"))

@@ -1,0 +1,236 @@
+"""Named probes inside the forward: the vocabulary, the static selection, on-device statistics.
+
+Probe names are llama.cpp's tensor names (its eval callback calls them `NAME-LAYER`), so a
+jaxllama trace and a llama.cpp trace line up one to one. Shapes are for tokens `[B, T]`;
+`D` width, `H`/`K` query/KV heads of size `d`, `F` feed-forward width, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import InvalidInputError
+
+#: Probes in every layer, in the order the forward computes them.
+LAYER_PROBES: dict[str, str] = {
+    "attn_norm": "RMS-normalised layer input times attn_norm weight  [B, T, D]",
+    "Qcur": "queries after RoPE  [B, T, H, d]",
+    "Kcur": "keys after RoPE  [B, T, K, d]",
+    "Vcur": "values  [B, T, K, d]",
+    "kqv_out": "attention result, heads merged, before the output projection  [B, T, H*d]",
+    "attn_out": "after the output projection, before the residual add  [B, T, D]",
+    "ffn_inp": "residual stream after attention (layer input + attn_out)  [B, T, D]",
+    "ffn_norm": "RMS-normalised ffn_inp times ffn_norm weight  [B, T, D]",
+    "ffn_gate": "gate projection  [B, T, F]",
+    "ffn_up": "up projection  [B, T, F]",
+    "ffn_swiglu": "silu(ffn_gate) * ffn_up  [B, T, F]",
+    "ffn_out": "down projection, before the residual add  [B, T, D]",
+    "l_out": "layer output (ffn_inp + ffn_out)  [B, T, D]",
+}
+#: Probes outside the layers.
+GLOBAL_PROBES: dict[str, str] = {
+    "inp_embd": "token embeddings  [B, T, D]",
+    "result_norm": "final RMSNorm times output_norm weight  [B, T, D]",
+    "result_output": "logits  [B, T, V]",
+}
+ALL_PROBES = {**LAYER_PROBES, **GLOBAL_PROBES}
+#: Execution order, for finding the first probe where two traces part.
+ORDER = ("inp_embd", *LAYER_PROBES, "result_norm", "result_output")
+
+STAT_NAMES = ("rms", "mean", "std", "min", "max", "absmax", "nan", "inf")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Replace `probe` by `fn(value, ctx)` at `layers` (None: every layer, or a global probe).
+
+    `ctx` holds `"layer"` (traced int, -1 outside layers), `"positions"` (`[B, T]`) and the
+    values of the probes computed before this one in the same layer, e.g. `ctx["ffn_gate"]` inside `ffn_swiglu`. `fn` must be
+    a JAX-traceable function; arrays it closes over become constants of the compiled program.
+    """
+
+    probe: str
+    fn: Callable[[jax.Array, dict[str, Any]], jax.Array] = field(compare=True)
+    layers: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What the compiled forward observes: static, so a different selection compiles anew.
+
+    stats: probes whose statistics are sent to the host by `jax.debug.callback`, one call per
+      layer (and one for the global probes). Empty: the program has no callback at all.
+    per_position: statistics per position `[B, T, n_stats]` instead of per row `[B, n_stats]`.
+    capture: probes returned as full arrays; capture_layers limits which layers are kept
+      (None: all), so memory stays bounded.
+    interventions: replacements applied inside the forward (see `Intervention`).
+    """
+
+    stats: tuple[str, ...] = ()
+    per_position: bool = False
+    capture: tuple[str, ...] = ()
+    capture_layers: tuple[int, ...] | None = None
+    interventions: tuple[Intervention, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stats or self.capture or self.interventions)
+
+
+def check_probe_names(names: Iterable[str], what: str = "probe") -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in ALL_PROBES]
+    if unknown:
+        raise InvalidInputError(f"unknown {what} {unknown[0]!r}; valid probes: {', '.join(ORDER)}")
+    return names
+
+
+def check_layers(layers: Iterable[int] | None, c: LlamaConfig, what: str = "layer") -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    layers = tuple(int(i) for i in layers)
+    bad = [i for i in layers if not 0 <= i < c.n_layer]
+    if bad:
+        raise InvalidInputError(f"{what} {bad[0]} out of range; valid layers: 0..{c.n_layer - 1}")
+    return tuple(sorted(set(layers)))
+
+
+def validate(spec: ProbeSpec, c: LlamaConfig) -> ProbeSpec:
+    """Raise `InvalidInputError` listing the valid names or layers if `spec` names others."""
+    check_probe_names(spec.stats)
+    check_probe_names(spec.capture)
+    check_layers(spec.capture_layers, c, "capture layer")
+    for iv in spec.interventions:
+        check_probe_names([iv.probe], "intervention probe")
+        check_layers(iv.layers, c, "intervention layer")
+    return spec
+
+
+def statistics(x: jax.Array, valid: jax.Array, per_position: bool) -> jax.Array:
+    """rms, mean, std, min, max, absmax, nan count, inf count of x `[B, T, ...]`.
+
+    Moments and extremes use the finite values of valid positions only; NaN and Inf are
+    counted, so one bad value shows up as a count instead of hiding every statistic.
+    Returns `[B, 8]`, or `[B, T, 8]` with `per_position`.
+    """
+    b, t = x.shape[:2]
+    x = x.reshape(b, t, -1).astype(jnp.float32)
+    v = valid[:, :, None]
+    finite = jnp.isfinite(x) & v
+    axes = (2,) if per_position else (1, 2)
+    n = jnp.maximum(jnp.sum(finite, axis=axes), 1).astype(jnp.float32)
+    xf = jnp.where(finite, x, 0.0)
+    mean = jnp.sum(xf, axis=axes) / n
+    mean_sq = jnp.sum(xf * xf, axis=axes) / n
+    std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0))
+    lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=axes)
+    hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=axes)
+    nan = jnp.sum(jnp.isnan(x) & v, axis=axes).astype(jnp.float32)
+    inf = jnp.sum(jnp.isinf(x) & v, axis=axes).astype(jnp.float32)
+    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return jnp.stack([jnp.sqrt(mean_sq), mean, std, lo, hi, absmax, nan, inf], axis=-1)
+
+
+def statistics_numpy(x: np.ndarray) -> dict[str, float]:
+    """The same statistics of one array, in float64 numpy (for tests and llama.cpp tensors)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    f = x[np.isfinite(x)]
+    if f.size == 0:
+        f = np.zeros(1)
+    return {
+        "rms": float(np.sqrt(np.mean(f * f))),
+        "mean": float(f.mean()),
+        "std": float(f.std()),
+        "min": float(f.min()),
+        "max": float(f.max()),
+        "absmax": float(np.abs(f).max()),
+        "nan": float(np.isnan(x).sum()),
+        "inf": float(np.isinf(x).sum()),
+    }
+
+
+def probe_shape(name: str, c: LlamaConfig, b: int, t: int) -> tuple[int, ...]:
+    """Shape of probe `name` for tokens `[b, t]`."""
+    shapes = {
+        "Qcur": (b, t, c.n_head, c.head_dim),
+        "Kcur": (b, t, c.n_head_kv, c.head_dim),
+        "Vcur": (b, t, c.n_head_kv, c.head_dim),
+        "kqv_out": (b, t, c.n_head * c.head_dim),
+        "ffn_gate": (b, t, c.d_ff),
+        "ffn_up": (b, t, c.d_ff),
+        "ffn_swiglu": (b, t, c.d_ff),
+        "result_output": (b, t, c.vocab_size),
+    }
+    return shapes.get(name, (b, t, c.d_model))
+
+
+# ---- inside the traced forward -------------------------------------------------------------
+
+def make_tap(
+    spec: ProbeSpec, layer: jax.Array, seen: dict[str, jax.Array], positions: jax.Array
+) -> Callable[[str, jax.Array], jax.Array]:
+    """A tap that applies `spec`'s interventions to a probe, then remembers its value in `seen`."""
+
+    def tap(name: str, x: jax.Array) -> jax.Array:
+        for iv in spec.interventions:
+            if iv.probe != name:
+                continue
+            ctx = {"layer": layer, "positions": positions, **seen}
+            new = iv.fn(x, ctx).astype(x.dtype).reshape(x.shape)
+            if iv.layers is not None and name in LAYER_PROBES:
+                x = jnp.where(jnp.isin(layer, jnp.asarray(iv.layers)), new, x)
+            else:
+                x = new
+        seen[name] = x
+        return x
+
+    return tap
+
+
+def capture_slots(spec: ProbeSpec, c: LlamaConfig) -> list[int]:
+    """For each layer, its index among the captured layers, or -1 if not captured."""
+    keep = range(c.n_layer) if spec.capture_layers is None else spec.capture_layers
+    slots = [-1] * c.n_layer
+    for slot, layer in enumerate(sorted(keep)):
+        slots[layer] = slot
+    return slots
+
+
+def store_captures(bufs: dict[str, jax.Array], seen: dict[str, jax.Array], slot: jax.Array) -> dict[str, jax.Array]:
+    """Write this layer's captured probes into their buffers when the layer is kept."""
+
+    def write(buf: jax.Array, value: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), jnp.maximum(slot, 0), 0)
+
+    return {
+        name: jax.lax.cond(slot >= 0, write, lambda b, v: b, buf, seen[name]) for name, buf in bufs.items()
+    }
+
+
+def emit_stats(
+    spec: ProbeSpec, layer: jax.Array, seen: dict[str, jax.Array], valid: jax.Array, family: dict[str, str]
+) -> None:
+    """One `jax.debug.callback` carrying the statistics of every selected probe of `family`."""
+    names = [n for n in spec.stats if n in family and n in seen]
+    if not names:
+        return
+    stats = {n: statistics(seen[n], valid, spec.per_position) for n in names}
+    jax.debug.callback(_deliver, layer, stats)
+
+
+# ---- on the host ---------------------------------------------------------------------------
+
+#: Receivers of statistics (the active `trace` recorders, innermost last).
+SINKS: list[Callable[[int, dict[str, np.ndarray]], None]] = []
+
+
+def _deliver(layer: np.ndarray, stats: dict[str, np.ndarray]) -> None:
+    """Host side of the callback: hand the numbers to the innermost active recorder, if any."""
+    if SINKS:
+        SINKS[-1](int(layer), {k: np.asarray(v) for k, v in stats.items()})
