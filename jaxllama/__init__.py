@@ -6,6 +6,7 @@
     jaxllama.forward(model.params, tokens, model.config)   # the pure, jit-able forward
 """
 
+from .comparison import Comparison, compare
 from .config import LlamaConfig
 from .dequant import dequantize
 from .errors import (
@@ -17,10 +18,14 @@ from .errors import (
 )
 from .gguf_file import GGUFFile, TensorInfo, read_gguf
 from .loader import Model, load
-from .model import forward, forward_jit
+from .model import forward, forward_capture, forward_jit
 from .params import params_from_gguf
+from .probes import GLOBAL_PROBES, LAYER_PROBES, Intervention, ProbeSpec
+from .recorder import Recorder, trace
+from . import interventions
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "GGUFFile",
@@ -35,6 +40,16 @@ __all__ = [
     "dequantize",
     "forward",
     "forward_jit",
+    "forward_capture",
+    "trace",
+    "Recorder",
+    "ProbeSpec",
+    "Intervention",
+    "LAYER_PROBES",
+    "GLOBAL_PROBES",
+    "interventions",
+    "compare",
+    "Comparison",
     "load",
     "params_from_gguf",
     "read_gguf",

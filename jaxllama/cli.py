@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import InvalidInputError, JaxLlamaError
+from .probes import ORDER
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,58 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,2,3 (no BOS is added)")
     lg.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the .npy array")
     lg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    tr = sub.add_parser("trace", help="statistics of every probe at every layer (rms, min, max, mean, NaN/Inf)")
+    _model_arg(tr)
+    _input_args(tr)
+    tr.add_argument("--probes", help=f"comma-separated probe names (default: all): {', '.join(ORDER)}")
+    tr.add_argument("--layers", help="layers to report, e.g. 0,1,5-7 (default: all)")
+    tr.add_argument("--per-position", action="store_true", help="one record per token position")
+    tr.add_argument("--json", action="store_true", help="print {\"records\": [...], \"reproduce\": {...}}")
+    tr.add_argument("--plot", metavar="FILE.png", help="save a plot of rms across layers")
+
+    cp = sub.add_parser("compare", help="compare every probe with llama.cpp's tensors; report the first divergence")
+    _model_arg(cp)
+    _input_args(cp)
+    cp.add_argument("--reference", metavar="PATH", help="GGUF for llama.cpp (default: the same file)")
+    cp.add_argument("--tol", type=float, default=1e-2, help="relative error beyond which a probe has parted (1e-2)")
+    cp.add_argument("--act-quant", action="store_true", help="emulate llama.cpp's activation quantization")
+    cp.add_argument("--layers", help="layers to show in the table, e.g. 0-2,29 (all are compared)")
+    cp.add_argument("--json", action="store_true", help="print the full comparison as JSON")
     return ap
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="text to tokenize with the model's tokenizer")
+    g.add_argument("--tokens", help="comma-separated token ids (no BOS added)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+
+
+def parse_layers(text: str | None, what: str = "--layers") -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None stays None."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise InvalidInputError(f"{what}: {part.strip()!r} is not a layer number or range like 5-7") from None
+    return out
+
+
+def _input_tokens(args: argparse.Namespace, model: Any) -> list[int]:
+    if args.tokens is not None:
+        if args.chat:
+            raise InvalidInputError("--chat needs --prompt, not --tokens")
+        return parse_token_list(args.tokens)
+    tok = model.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        return tok.encode(text, add_special=True, parse_special=True)
+    return tok.encode(args.prompt, add_special=True, parse_special=False)
 
 
 def parse_token_list(text: str, what: str = "--tokens") -> list[int]:
@@ -161,7 +213,55 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": _cmd_info, "logits": _cmd_logits}
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .loader import load
+    from .probes import check_probe_names
+    from .provenance import provenance
+    from .recorder import JUMP, finite_or_none, trace
+
+    probes = check_probe_names(p.strip() for p in args.probes.split(",")) if args.probes else None
+    layers = parse_layers(args.layers)
+    model = load(_model_path(args.model), dtype=args.dtype)
+    tokens = _input_tokens(args, model)
+    model.check_tokens(tokens)
+    with trace(probes=probes, layers=layers, per_position=args.per_position) as rec:
+        model.logits(tokens)
+    if args.plot:
+        rec.plot(args.plot)
+    if args.json:
+        records = [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in r.items()} for r in rec.sorted_records()]
+        out = {"records": records, "reproduce": provenance(model, tokens, probes=probes, layers=layers)}
+        print(json.dumps(out))
+        return 0
+    print(rec.table())
+    bad = rec.nonfinite()
+    if bad:
+        print(f"!! NaN/Inf first at {bad[0]['probe']} layer {bad[0]['layer']}")
+    print(f"{len(tokens)} tokens; {len(rec.jumps())} rms jumps over {JUMP:g}x between layers; "
+          f"{'no NaN/Inf' if not bad else f'{len(bad)} probes with NaN/Inf'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .comparison import compare
+    from .loader import load
+    from .provenance import provenance
+
+    model = load(_model_path(args.model), dtype=args.dtype)
+    tokens = _input_tokens(args, model)
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise InvalidInputError(f"--reference: {args.reference}: no such file")
+    result = compare(model, tokens, reference=args.reference, tol=args.tol, act_quant=args.act_quant)
+    if args.json:
+        out = result.as_dict() | {"reproduce": provenance(model, tokens, tol=args.tol, act_quant=args.act_quant)}
+        print(json.dumps(out))
+        return 0
+    print(result.table(only_layers=parse_layers(args.layers)))
+    print(result.summary())
+    return 0
+
+
+COMMANDS = {"info": _cmd_info, "logits": _cmd_logits, "trace": _cmd_trace, "compare": _cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

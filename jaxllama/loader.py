@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,7 @@ from .gguf_file import GGUF_MAGIC, read_gguf
 from .actquant import act_quant_plan
 from .model import Params, forward_capture_jit
 from .params import DTYPES, params_from_gguf
-from .trace import active_recorder
+from .recorder import active_recorder
 
 SAVED_FORMAT = "jaxllama-params"
 SAVED_VERSION = 1
@@ -79,7 +80,11 @@ class Model:
         )
         if rec:
             rec.end_call(captures)
-        return np.asarray(out)
+        out = np.asarray(out)
+        if not np.isfinite(out).all():
+            where = "see the recorder's nonfinite()" if rec else "run it under jaxllama.trace() to find where they start"
+            warnings.warn(f"logits contain NaN or Inf; {where}", RuntimeWarning, stacklevel=3)
+        return out
 
     def logits(self, tokens: Sequence[int] | np.ndarray, scan_layers: bool = True) -> np.ndarray:
         """float32 logits `[T, vocab]` of exactly these token ids (no BOS is added)."""

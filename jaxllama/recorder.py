@@ -145,18 +145,18 @@ class Recorder:
         return [r for r in self.sorted_records() if r["nan"] or r["inf"]]
 
     def jumps(self) -> list[tuple[dict[str, Any], float]]:
-        """(record, factor) where a probe's rms changed by more than `JUMP`x from the previous layer."""
+        """(record, factor) where a probe's rms changed by more than `JUMP`x from the layer before."""
         out, last = [], {}
         for r in self.sorted_records():
             if r["layer"] is None:
                 continue
             key = (r["call"], r["row"], r.get("position"), r["probe"])
-            prev = last.get(key)
-            if prev and prev > 0 and r["rms"] > 0:
+            prev_layer, prev = last.get(key, (None, 0.0))
+            if prev_layer == r["layer"] - 1 and prev > 0 and r["rms"] > 0:
                 factor = r["rms"] / prev
                 if factor > JUMP or factor < 1 / JUMP:
                     out.append((r, factor))
-            last[key] = r["rms"]
+            last[key] = (r["layer"], r["rms"])
         return out
 
     def table(self, call: int | None = None, row: int = 0, max_rows: int | None = None) -> str:

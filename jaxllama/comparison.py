@@ -16,7 +16,7 @@ import numpy as np
 
 from .loader import Model
 from .probes import LAYER_PROBES, ORDER, STAT_NAMES, Intervention, statistics_numpy
-from .trace import finite_or_none, trace
+from .recorder import finite_or_none, trace
 
 #: llama.cpp's names where they differ from ours
 LLAMACPP_NAMES = {"inp_embd": ("inp_embd", "embd")}
