@@ -112,29 +112,59 @@ def validate(spec: ProbeSpec, c: LlamaConfig) -> ProbeSpec:
     return spec
 
 
-def statistics(x: jax.Array, valid: jax.Array, per_position: bool) -> jax.Array:
-    """rms, mean, std, min, max, absmax, nan count, inf count of x `[B, T, ...]`.
+def _plain_partials(x: jax.Array) -> tuple[jax.Array, ...]:
+    zero = jnp.zeros(x.shape[:-1], jnp.float32)
+    return jnp.sum(x, -1), jnp.sum(x * x, -1), jnp.min(x, -1), jnp.max(x, -1), zero, zero
+
+
+def _masked_partials(x: jax.Array) -> tuple[jax.Array, ...]:
+    finite = jnp.isfinite(x)
+    xf = jnp.where(finite, x, 0.0)
+    lo = jnp.min(jnp.where(finite, x, jnp.inf), -1)
+    hi = jnp.max(jnp.where(finite, x, -jnp.inf), -1)
+    nan = jnp.sum(jnp.isnan(x).astype(jnp.float32), -1)
+    inf = jnp.sum(jnp.isinf(x).astype(jnp.float32), -1)
+    return jnp.sum(xf, -1), jnp.sum(xf * xf, -1), lo, hi, nan, inf
+
+
+def _finish(parts: tuple[jax.Array, ...], width: int, valid: jax.Array, per_position: bool) -> jax.Array:
+    s1, s2, lo, hi, nan, inf = parts
+    count = width - nan - inf
+    if not per_position:
+        w = valid.astype(jnp.float32)
+        s1, s2, count, nan, inf = (jnp.sum(a * w, axis=1) for a in (s1, s2, count, nan, inf))
+        lo = jnp.min(jnp.where(valid, lo, jnp.inf), axis=1)
+        hi = jnp.max(jnp.where(valid, hi, -jnp.inf), axis=1)
+    n = jnp.maximum(count, 1.0)
+    mean, mean_sq = s1 / n, s2 / n
+    std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0))
+    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return jnp.stack([jnp.sqrt(mean_sq), mean, std, lo, hi, absmax, nan, inf], axis=-1)
+
+
+def statistics_of(xs: dict[str, jax.Array], valid: jax.Array, per_position: bool) -> dict[str, jax.Array]:
+    """rms, mean, std, min, max, absmax, nan count, inf count of each x `[B, T, ...]`.
 
     Moments and extremes use the finite values of valid positions only; NaN and Inf are
     counted, so one bad value shows up as a count instead of hiding every statistic.
-    Returns `[B, 8]`, or `[B, T, 8]` with `per_position`.
+    Returns `[B, 8]` per probe, or `[B, T, 8]` with `per_position`. Boolean reductions and
+    selects are slow on XLA:CPU, so the common all-finite case uses plain float reductions
+    and only a group holding NaN/Inf takes the masked path (one `cond` for the group).
     """
-    b, t = x.shape[:2]
-    x = x.reshape(b, t, -1).astype(jnp.float32)
-    v = valid[:, :, None]
-    finite = jnp.isfinite(x) & v
-    axes = (2,) if per_position else (1, 2)
-    n = jnp.maximum(jnp.sum(finite, axis=axes), 1).astype(jnp.float32)
-    xf = jnp.where(finite, x, 0.0)
-    mean = jnp.sum(xf, axis=axes) / n
-    mean_sq = jnp.sum(xf * xf, axis=axes) / n
-    std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0))
-    lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=axes)
-    hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=axes)
-    nan = jnp.sum(jnp.isnan(x) & v, axis=axes).astype(jnp.float32)
-    inf = jnp.sum(jnp.isinf(x) & v, axis=axes).astype(jnp.float32)
-    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return jnp.stack([jnp.sqrt(mean_sq), mean, std, lo, hi, absmax, nan, inf], axis=-1)
+    flat = {k: x.reshape(*x.shape[:2], -1).astype(jnp.float32) for k, x in xs.items()}
+    # x * 0 is NaN exactly where x is NaN or Inf
+    nonfinite = sum(jnp.sum(((x * 0.0) != 0.0).astype(jnp.float32)) for x in flat.values())
+
+    def each(fn):
+        return lambda d: {k: fn(x) for k, x in d.items()}
+
+    parts = jax.lax.cond(nonfinite > 0, each(_masked_partials), each(_plain_partials), flat)
+    return {k: _finish(parts[k], flat[k].shape[-1], valid, per_position) for k in flat}
+
+
+def statistics(x: jax.Array, valid: jax.Array, per_position: bool) -> jax.Array:
+    """`statistics_of` for one array."""
+    return statistics_of({"x": x}, valid, per_position)["x"]
 
 
 def statistics_numpy(x: np.ndarray) -> dict[str, float]:
@@ -220,7 +250,7 @@ def emit_stats(
     names = [n for n in spec.stats if n in family and n in seen]
     if not names:
         return
-    stats = {n: statistics(seen[n], valid, spec.per_position) for n in names}
+    stats = statistics_of({n: seen[n] for n in names}, valid, spec.per_position)
     jax.debug.callback(_deliver, layer, stats)
 
 

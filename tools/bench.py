@@ -5,7 +5,8 @@
 Measures: load time (header, conversion with and without compilation, reload of a saved
 file) next to `gguf.GGUFReader` + `gguf.quants`; forward compile time for 2 and all layers
 (scanned) and all layers unrolled; prefill tokens/s at 128 and 512 tokens for jaxllama and for
-llama.cpp (same file, same thread count, logits for every position on both sides); peak RSS.
+llama.cpp (same file, same thread count, logits for every position on both sides); the cost
+of tracing every probe at every layer; peak RSS.
 Timings are medians of `--repeats` runs.
 """
 
@@ -114,7 +115,7 @@ def main() -> None:
     # --- prefill, side by side
     rng = np.random.default_rng(0)
     ref = LlamaCpp(path, n_ctx=512, n_threads=args.threads)
-    fwd = jax.jit(forward, static_argnames=("config", "scan_layers"))
+    fwd = jax.jit(forward, static_argnames=("config", "scan_layers", "probes"))
     r["prefill_tok_s"] = {}
     for n in (128, 512):
         tokens = rng.integers(0, c.vocab_size, size=n).tolist()
@@ -133,6 +134,30 @@ def main() -> None:
             "llama_cpp_runs_s": [round(x, 4) for x in theirs_all],
         }
     ref.close()
+
+    # --- tracing cost: statistics of every probe at every layer through jax.debug callbacks
+    from jaxllama.probes import ORDER, SINKS, ProbeSpec
+
+    received = []
+    SINKS.append(lambda layer, stats: received.append(layer))
+    spec = ProbeSpec(stats=ORDER)
+    r["tracing"] = {}
+    for n in (128, 512):
+        batch = jnp.asarray([rng.integers(0, c.vocab_size, size=n).tolist()], jnp.int32)
+
+        def traced():
+            jax.block_until_ready(fwd(params, batch, c, probes=spec))
+            jax.effects_barrier()
+
+        def plain():
+            jax.block_until_ready(fwd(params, batch, c))
+
+        traced(), plain()
+        t_on, _ = timed(traced, args.repeats)
+        t_off, _ = timed(plain, args.repeats)
+        r["tracing"][str(n)] = {"off_s": round(t_off, 4), "all_probes_s": round(t_on, 4),
+                                "ratio": round(t_on / t_off, 3), "callbacks_per_call": c.n_layer + 1}
+    SINKS.clear()
     r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(r, indent=1))
 
