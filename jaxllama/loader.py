@@ -7,6 +7,7 @@ data, no pickle) and reloaded with `load(path)` without dequantizing again.
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .gguf_file import GGUF_MAGIC, read_gguf
 from .actquant import act_quant_plan
 from .model import Params, forward_capture_jit
 from .params import DTYPES, params_from_gguf
+from .tokenizer import Tokenizer
 from .recorder import active_recorder
 
 SAVED_FORMAT = "jaxllama-params"
@@ -50,9 +52,21 @@ class Model:
         """SHA-256 of the GGUF the parameters came from (computed once, on first use)."""
         return self.source_sha256 or sha256_file(self.source)
 
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer from this model's GGUF metadata (llama.cpp's ids; built on first use)."""
+        return Tokenizer(self.metadata, name=str(self.source))
+
     @property
     def dtype(self) -> str:
         return str(self.params["params"]["token_embd"]["embedding"].dtype)
+
+    def _repr_html_(self) -> str:
+        """Notebook view: the config and the parameter pytree (rendered by treescope)."""
+        import treescope
+
+        head = f"<p><b>{html.escape(self.metadata.get('general.name', self.source.name))}</b> ({html.escape(str(self.source))})</p>"
+        return head + treescope.render_to_html({"config": self.config, "params": self.params})
 
     def check_tokens(self, tokens: Sequence[int] | np.ndarray, what: str = "tokens") -> np.ndarray:
         """Validate one sequence of token ids; return it as int32. Raises `InvalidInputError`."""

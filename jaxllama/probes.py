@@ -162,11 +162,6 @@ def statistics_of(xs: dict[str, jax.Array], valid: jax.Array, per_position: bool
     return {k: _finish(parts[k], flat[k].shape[-1], valid, per_position) for k in flat}
 
 
-def statistics(x: jax.Array, valid: jax.Array, per_position: bool) -> jax.Array:
-    """`statistics_of` for one array."""
-    return statistics_of({"x": x}, valid, per_position)["x"]
-
-
 def statistics_numpy(x: np.ndarray) -> dict[str, float]:
     """The same statistics of one array, in float64 numpy (for tests and llama.cpp tensors)."""
     x = np.asarray(x, dtype=np.float64).ravel()
