@@ -109,12 +109,16 @@ def block(
     c: LlamaConfig,
     tap: Tap = no_tap,
     act_quant: Mapping[str, str | None] | None = None,
-) -> jax.Array:
+    kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One transformer block on the residual stream x `[B, T, D]`; `p` holds this layer's leaves.
 
     Every named intermediate passes through `tap(name, value)` (see `probes.LAYER_PROBES`),
     which may record it or replace it. `act_quant` maps a matrix name to the llama.cpp
-    activation type to emulate in front of it (see `actquant`).
+    activation type to emulate in front of it (see `actquant`). With `kv = (cache_k,
+    cache_v, start)` (caches `[B, S, K, d]`), this step's keys and values are written at slot
+    `start` and attention reads the whole cache (`mask` is then `[B, T, S]`). Returns the new
+    residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
 
@@ -126,12 +130,20 @@ def block(
     q = tap("Qcur", apply_rope(mm("attn_q", h).reshape(b, t, c.n_head, c.head_dim), angles, c.rope_dim))
     k = tap("Kcur", apply_rope(mm("attn_k", h).reshape(b, t, c.n_head_kv, c.head_dim), angles, c.rope_dim))
     v = tap("Vcur", mm("attn_v", h).reshape(b, t, c.n_head_kv, c.head_dim))
+    cache = None
+    if kv is not None:
+        ck, cv, start = kv
+        cache = (
+            lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1),
+            lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1),
+        )
+        k, v = cache
     a = tap("kqv_out", attention(q, k, v, mask, c))
     x = tap("ffn_inp", x + tap("attn_out", mm("attn_output", a)))
     h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
     gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
     s = tap("ffn_swiglu", jax.nn.silu(gate) * up)
-    return tap("l_out", x + tap("ffn_out", mm("ffn_down", s)))
+    return tap("l_out", x + tap("ffn_out", mm("ffn_down", s))), cache
 
 
 def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -210,7 +222,7 @@ def forward_capture(
         x, bufs = carry
         lp, layer = xs
         seen: dict[str, jax.Array] = {}
-        x = block(x, lp, angles, mask, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
+        x, _ = block(x, lp, angles, mask, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
         emit_stats(spec, layer, seen, valid_rows, LAYER_PROBES)
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
@@ -228,6 +240,53 @@ def forward_capture(
     emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES)
     captures = {**bufs, **{n: glob[n] for n in spec.capture if n in GLOBAL_PROBES}}
     return logits, captures
+
+
+def forward_step(
+    params: Params,
+    tokens: jax.Array,
+    cache: dict[str, jax.Array],
+    start: jax.Array,
+    pad: jax.Array,
+    config: LlamaConfig,
+    act_quant: tuple[tuple[str, str | None], ...] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Run tokens `[B, T]` that occupy cache slots `start .. start+T-1`; return logits and the new cache.
+
+    The KV cache is `{"k": [L, B, S, K, d], "v": ...}` (see `init_cache`), stacked per layer so
+    the layer scan carries it. Rows are left-padded: row b's first real token sits in slot
+    `pad[b]`, so its positions are `slot - pad[b]`, and slots before `pad[b]` are never
+    attended to. Prefill is one call with the (padded) prompt at `start = 0`; each decode step
+    is a call with one token per row.
+    """
+    p = params["params"]
+    c = config
+    aq = dict(act_quant or ())
+    b, t = tokens.shape
+    s = cache["k"].shape[2]
+    slots = start + jnp.arange(t)
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    keys = jnp.arange(s)
+    mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+    freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
+    angles = rope_angles(positions, c, freq_factors)
+    x = jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32)
+
+    def body(x, xs):
+        lp, ck, cv = xs
+        x, (ck, cv) = block(x, lp, angles, mask, c, no_tap, aq, (ck, cv, start))
+        return x, (ck, cv)
+
+    x, (k, v) = lax.scan(body, x, (p["layers"], cache["k"], cache["v"]))
+    x = rms_norm(x, p["output_norm"]["scale"], c.rms_eps)
+    out_kernel = p["token_embd"]["embedding"].T if c.tied_output else p["output"]["kernel"]
+    return dense(fake_quant(x, aq.get("output")), out_kernel), {"k": k, "v": v}
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+    """An empty KV cache for `batch` rows of `length` slots (float32, like llama.cpp's F32 cache)."""
+    shape = (config.n_layer, batch, length, config.n_head_kv, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "scan_layers", "probes", "act_quant"))

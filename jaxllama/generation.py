@@ -1,0 +1,282 @@
+"""Text generation: prefill into a KV cache, then one-token decode steps, all on device.
+
+One step function (`_step`: forward one token per row, sample, update the state) serves both
+modes: `generate` runs it in a `lax.while_loop` until every row hit an end-of-generation token
+or the length limit (batch use, no host round trip per token); `stream` calls it from Python
+one token at a time so text can be shown as it comes. Prompts of different lengths are
+left-padded into one batch; each row has its own positions, mask and PRNG key
+(`fold_in(PRNGKey(seed), i)` for its i-th token), so a row generates what it would alone.
+Functions are compiled ahead of time per shape, so reported speeds exclude compilation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import InvalidInputError
+from .model import Params, forward_step, init_cache
+from .sampling import Sampler, sample
+
+PROMPT_BUCKET = 32  # prompts are padded to a multiple of this many slots (fewer compilations)
+
+# Token texts llama.cpp treats as end of generation (llama-vocab.cpp, special_eog_ids)
+EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[",
+})
+FIM_TEXTS = {  # fill-in-the-middle pad / repo / separator tokens, also end of generation
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+
+
+def end_of_generation_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
+    """The ids llama.cpp stops at: EOS/EOT/EOM, FIM pad/repo/separator, and known end texts."""
+    tokens = list(metadata.get("tokenizer.ggml.tokens", []))
+    ids = {metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
+    for kind, texts in FIM_TEXTS.items():
+        tid = metadata.get(f"tokenizer.ggml.fim_{kind}_token_id")
+        if tid is None:
+            tid = next((i for i, t in enumerate(tokens) if t in texts), None)
+        ids.add(tid)
+    ids.update(i for i, t in enumerate(tokens) if t in EOG_TEXTS)
+    return tuple(sorted(i for i in ids if isinstance(i, int) and 0 <= i < max(len(tokens), 1)))
+
+
+class State(NamedTuple):
+    """Decode state carried between steps (a pytree)."""
+
+    cache: dict[str, jax.Array]
+    last: jax.Array  # [B] token fed at the next step
+    step: jax.Array  # tokens generated so far
+    out: jax.Array  # [B, max_new] generated ids, -1 after a row finished
+    done: jax.Array  # [B] bool
+    keys: jax.Array  # [B, 2] per-row base PRNG keys
+    counts: jax.Array  # [B, V] occurrences in the penalty window ([B, 0] without penalties)
+    window: jax.Array  # [B, n] ring of the last n tokens, -1 = empty ([B, 0] without penalties)
+    fill: jax.Array  # [B] tokens pushed into the window so far
+
+
+@dataclass(frozen=True)
+class Static:
+    """Everything a compiled generation function specialises on."""
+
+    config: LlamaConfig
+    sampler: Sampler
+    eog: tuple[int, ...]
+    prompt_len: int
+    max_new: int
+    act_quant: tuple | None = None
+
+
+def _push(state: State, tok: jax.Array, s: Sampler, vocab: int) -> State:
+    """Add a token per row to the penalty window (evicting the oldest)."""
+    n = state.window.shape[1]
+    if n == 0:
+        return state
+    slot = state.fill % n
+    old = jnp.take_along_axis(state.window, slot[:, None], axis=1)[:, 0]
+    counts = state.counts + jax.nn.one_hot(tok, vocab) - jax.nn.one_hot(old, vocab) * (old >= 0)[:, None]
+    window = state.window.at[jnp.arange(tok.shape[0]), slot].set(tok)
+    return state._replace(counts=counts, window=window, fill=state.fill + 1)
+
+
+def _choose(logits: jax.Array, state: State, st: Static) -> tuple[jax.Array, State]:
+    """Sample this step's token per row and record it."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.step)
+    counts = state.counts if st.sampler.uses_penalties else None
+    tok = sample(logits, keys, st.sampler, counts)
+    tok = jnp.where(state.done, -1, tok)
+    out = state.out.at[:, state.step].set(tok)
+    hit = jnp.isin(tok, jnp.asarray(st.eog, jnp.int32)) if st.eog else jnp.zeros_like(state.done)
+    state = _push(state, jnp.maximum(tok, 0), st.sampler, logits.shape[-1])
+    return tok, state._replace(out=out, last=jnp.maximum(tok, 0), done=state.done | hit, step=state.step + 1)
+
+
+def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, state: State, st: Static) -> State:
+    logits, cache = forward_step(params, tokens, state.cache, jnp.int32(0), pad, st.config, st.act_quant)
+    return _choose(logits[:, -1], state._replace(cache=cache), st)[1]
+
+
+def _step(params: Params, pad: jax.Array, state: State, st: Static) -> State:
+    """One decode step: the last token of each row in, the next token out."""
+    slot = st.prompt_len + state.step - 1
+    logits, cache = forward_step(params, state.last[:, None], state.cache, slot, pad, st.config, st.act_quant)
+    return _choose(logits[:, 0], state._replace(cache=cache), st)[1]
+
+
+def _loop(params: Params, pad: jax.Array, state: State, st: Static) -> State:
+    def running(s: State) -> jax.Array:
+        return (s.step < st.max_new) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(running, lambda s: _step(params, pad, s, st), state)
+
+
+@dataclass
+class Generation:
+    """Result of `generate`: generated ids per row (end token included), and timings."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "eos" or "length"
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled(name: str, fn, static: Static, *args):
+    """Ahead-of-time compile `fn` for these shapes (cached), donating the decode state."""
+    key = (name, static, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+    if key not in _COMPILED:
+        donate = (len(args) - 1,)  # the state
+        jitted = jax.jit(partial(fn, st=static), donate_argnums=donate)
+        _COMPILED[key] = jitted.lower(*args).compile()
+    return _COMPILED[key]
+
+
+def _prepare(
+    rows: Sequence[Sequence[int]], c: LlamaConfig, max_new: int, sampler: Sampler, seeds: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, State]:
+    if not rows:
+        raise InvalidInputError("prompts: empty batch")
+    if not isinstance(max_new, int) or max_new < 1:
+        raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new}")
+    longest = max(len(r) for r in rows)
+    if longest + max_new > c.context_length:
+        raise InvalidInputError(
+            f"max_new_tokens: {longest} prompt tokens + {max_new} new tokens exceed the context length {c.context_length}"
+        )
+    b = len(rows)
+    p = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens = np.zeros((b, p), np.int32)
+    pad = np.zeros(b, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, p - len(r):] = r
+        pad[i] = p - len(r)
+    n = sampler.penalty_last_n if sampler.uses_penalties else 0
+    counts = np.zeros((b, c.vocab_size if n else 0), np.float32)
+    window = np.full((b, n), -1, np.int32)
+    fill = np.zeros(b, np.int32)
+    for i, r in enumerate(rows):  # the prompt's last n tokens start the penalty window
+        for tok in list(r)[-n:] if n else []:
+            window[i, fill[i] % n] = tok
+            counts[i, tok] += 1
+            fill[i] += 1
+    state = State(
+        cache=init_cache(c, b, p + max_new),
+        last=jnp.zeros(b, jnp.int32),
+        step=jnp.int32(0),
+        out=jnp.full((b, max_new), -1, jnp.int32),
+        done=jnp.zeros(b, bool),
+        keys=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]),
+        counts=jnp.asarray(counts),
+        window=jnp.asarray(window),
+        fill=jnp.asarray(fill),
+    )
+    return tokens, pad, state
+
+
+def _seeds(seed: int | Sequence[int], b: int) -> list[int]:
+    seeds = [seed] * b if isinstance(seed, int) else list(seed)
+    if len(seeds) != b:
+        raise InvalidInputError(f"seed: {len(seeds)} seeds for {b} prompts")
+    return seeds
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampler: Sampler = Sampler(temperature=0.0),
+    seed: int | Sequence[int] = 0,
+    stop_at_eog: bool = True,
+) -> Generation:
+    """Generate for a batch of token-id prompts in one on-device loop (`lax.while_loop`)."""
+    rows = [model.check_tokens(r, f"prompts[{i}]").tolist() for i, r in enumerate(prompts)]
+    seeds = _seeds(seed, len(rows))
+    st = Static(model.config, sampler, end_of_generation_ids(model.metadata) if stop_at_eog else (),
+                -(-max(map(len, rows)) // PROMPT_BUCKET) * PROMPT_BUCKET, max_new_tokens, model.act_quant)
+    tokens, pad, state = _prepare(rows, model.config, max_new_tokens, sampler, seeds)
+    tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
+    t0 = time.perf_counter()
+    prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(prefill(model.params, tokens, pad, state))
+    t2 = time.perf_counter()
+    loop = _compiled("loop", _loop, st, model.params, pad, state)
+    t3 = time.perf_counter()
+    state = jax.block_until_ready(loop(model.params, pad, state))
+    t4 = time.perf_counter()
+    out = np.asarray(state.out)
+    gens, reasons = [], []
+    for row in out:
+        ids = [int(t) for t in row if t >= 0]
+        gens.append(ids)
+        reasons.append("eos" if ids and ids[-1] in st.eog else "length")
+    return Generation(gens, reasons, sum(map(len, rows)), t2 - t1, t4 - t3, (t1 - t0) + (t3 - t2),
+                      {"sampler": sampler.to_dict(), "seed": seeds, "max_new_tokens": max_new_tokens,
+                       "stop_at_eog": stop_at_eog})
+
+
+def stream(
+    model: Any,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampler: Sampler = Sampler(temperature=0.0),
+    seed: int = 0,
+    stop_at_eog: bool = True,
+    timings: dict[str, float] | None = None,
+) -> Iterator[int]:
+    """Yield generated ids one at a time (same step function as `generate`, driven from Python).
+
+    If `timings` is given it receives prefill_s, decode_s, compile_s and the token counts.
+    """
+    row = model.check_tokens(prompt, "prompt").tolist()
+    st = Static(model.config, sampler, end_of_generation_ids(model.metadata) if stop_at_eog else (),
+                -(-len(row) // PROMPT_BUCKET) * PROMPT_BUCKET, max_new_tokens, model.act_quant)
+    tokens, pad, state = _prepare([row], model.config, max_new_tokens, sampler, [seed])
+    tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
+    t1 = time.perf_counter()
+    state = prefill(model.params, tokens, pad, state)
+    tok = int(state.out[0, 0])
+    t2 = time.perf_counter()
+    step = _compiled("step", _step, st, model.params, pad, state)
+    t3 = time.perf_counter()
+    t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=(t1 - t0) + (t3 - t2), decode_s=0.0, steps=0)
+    yield tok
+    for i in range(1, max_new_tokens):
+        if bool(state.done[0]):
+            break
+        a = time.perf_counter()
+        state = step(model.params, pad, state)
+        tok = int(state.out[0, i])
+        t["decode_s"] += time.perf_counter() - a
+        t["steps"] += 1
+        yield tok
