@@ -20,6 +20,8 @@ from .gguf_file import GGUFFile, TensorInfo, read_gguf
 from .loader import Model, load
 from .model import forward, forward_capture, forward_jit
 from .params import params_from_gguf
+from .chat_template import ChatTemplateError
+from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from .probes import GLOBAL_PROBES, LAYER_PROBES, Intervention, ProbeSpec
 from .recorder import Recorder, trace
 from . import interventions
@@ -53,4 +55,8 @@ __all__ = [
     "load",
     "params_from_gguf",
     "read_gguf",
+    "ChatTemplateError",
+    "StreamDecoder",
+    "Tokenizer",
+    "load_tokenizer",
 ]

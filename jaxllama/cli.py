@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_generate import add_sampling_args, cmd_chat, cmd_generate
 from .errors import InvalidInputError, JaxLlamaError
 from .probes import ORDER
 
@@ -54,6 +55,28 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--act-quant", action="store_true", help="emulate llama.cpp's activation quantization")
     cp.add_argument("--layers", help="layers to show in the table, e.g. 0-2,29 (all are compared)")
     cp.add_argument("--json", action="store_true", help="print the full comparison as JSON")
+
+    tk = sub.add_parser("tokenize", help="token ids and pieces of a text, exactly as llama.cpp tokenizes it")
+    _model_arg(tk)
+    tk.add_argument("--text", required=True, help="the text to tokenize")
+    tk.add_argument("--parse-special", action="store_true", help="turn control-token text such as <|im_end|> into its id")
+    tk.add_argument("--no-add-special", action="store_true", help="do not add BOS/EOS even if the model asks for them")
+    tk.add_argument("--json", action="store_true", help='print {"tokens": [...]}')
+    tk.add_argument("--chat", action="store_true",
+                    help="render the model's chat template for one user message TEXT (with generation prompt), "
+                         "then tokenize it with --parse-special")
+
+    gen = sub.add_parser("generate", help="generate text (streamed), or one JSON object with --json")
+    _model_arg(gen)
+    _input_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--json", action="store_true", help="print tokens, text, speeds and settings as JSON")
+
+    chat = sub.add_parser("chat", help="an interactive conversation using the file's chat template")
+    _model_arg(chat)
+    chat.add_argument("--system", help="a system message to start the conversation")
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    add_sampling_args(chat)
     return ap
 
 
@@ -261,7 +284,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": _cmd_info, "logits": _cmd_logits, "trace": _cmd_trace, "compare": _cmd_compare}
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_model_path(args.model))
+    text, parse_special = args.text, args.parse_special
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        parse_special = True
+    ids = tok.encode(text, add_special=not args.no_add_special, parse_special=parse_special)
+    if args.json:
+        print(json.dumps({"tokens": ids}))
+        return 0
+    width = len(str(len(tok) - 1))
+    for i in ids:
+        piece = tok.token_to_piece(i).decode("utf-8", errors="replace")
+        print(f"{i:>{width}}  {json.dumps(piece, ensure_ascii=False)}")
+    print(f"{len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from .loader import load
+
+    return load(_model_path(args.model), dtype=args.dtype)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    return cmd_generate(args, _load_model, _input_tokens)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    return cmd_chat(args, _load_model)
+
+
+COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits, "trace": _cmd_trace, "compare": _cmd_compare,
+            "tokenize": _cmd_tokenize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,33 +27,6 @@ from .sampling import Sampler, sample
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this many slots (fewer compilations)
 
-# Token texts llama.cpp treats as end of generation (llama-vocab.cpp, special_eog_ids)
-EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-})
-FIM_TEXTS = {  # fill-in-the-middle pad / repo / separator tokens, also end of generation
-    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
-    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
-    "sep": ("<|file_sep|>",),
-}
-
-
-def end_of_generation_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
-    """The ids llama.cpp stops at: EOS/EOT/EOM, FIM pad/repo/separator, and known end texts."""
-    tokens = list(metadata.get("tokenizer.ggml.tokens", []))
-    ids = {metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
-    for kind, texts in FIM_TEXTS.items():
-        tid = metadata.get(f"tokenizer.ggml.fim_{kind}_token_id")
-        if tid is None:
-            tid = next((i for i, t in enumerate(tokens) if t in texts), None)
-        ids.add(tid)
-    ids.update(i for i, t in enumerate(tokens) if t in EOG_TEXTS)
-    return tuple(sorted(i for i in ids if isinstance(i, int) and 0 <= i < max(len(tokens), 1)))
-
-
 class State(NamedTuple):
     """Decode state carried between steps (a pytree)."""
 
@@ -218,7 +191,7 @@ def generate(
     """Generate for a batch of token-id prompts in one on-device loop (`lax.while_loop`)."""
     rows = [model.check_tokens(r, f"prompts[{i}]").tolist() for i, r in enumerate(prompts)]
     seeds = _seeds(seed, len(rows))
-    st = Static(model.config, sampler, end_of_generation_ids(model.metadata) if stop_at_eog else (),
+    st = Static(model.config, sampler, tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else (),
                 -(-max(map(len, rows)) // PROMPT_BUCKET) * PROMPT_BUCKET, max_new_tokens, model.act_quant)
     tokens, pad, state = _prepare(rows, model.config, max_new_tokens, sampler, seeds)
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
@@ -256,7 +229,7 @@ def stream(
     If `timings` is given it receives prefill_s, decode_s, compile_s and the token counts.
     """
     row = model.check_tokens(prompt, "prompt").tolist()
-    st = Static(model.config, sampler, end_of_generation_ids(model.metadata) if stop_at_eog else (),
+    st = Static(model.config, sampler, tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else (),
                 -(-len(row) // PROMPT_BUCKET) * PROMPT_BUCKET, max_new_tokens, model.act_quant)
     tokens, pad, state = _prepare([row], model.config, max_new_tokens, sampler, [seed])
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)

@@ -57,3 +57,41 @@ def tiny_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_factory) -> Path:
     return tiny_factory()
+
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+@pytest.fixture(scope="session")
+def llamacpp_vocab_dir() -> Path:
+    """llama.cpp's tokenizer test vocabularies (`ggml-vocab-*.gguf` with `.inp`/`.out`), taken
+    from the llama-cpp-python sdist: fetched once with pip into the jaxllama cache, and only
+    `vendor/llama.cpp/models/ggml-vocab-*` extracted."""
+    import subprocess
+    import tarfile
+
+    from jaxllama.default_model import cache_dir
+
+    root = cache_dir() / "llama-cpp-python-sdist"
+    models = root / "models"
+    done = models / ".complete"
+    if done.exists():
+        return models
+    root.mkdir(parents=True, exist_ok=True)
+    archives = sorted(root.glob("llama_cpp_python-0.3.36.tar.gz"))
+    if not archives:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_SDIST, "-d", str(root)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        archives = sorted(root.glob("llama_cpp_python-0.3.36.tar.gz"))
+        assert run.returncode == 0 and archives, f"pip download {LLAMA_CPP_SDIST} failed: {run.stderr[-2000:]}"
+    models.mkdir(exist_ok=True)
+    with tarfile.open(archives[0], "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if (member.isfile() and len(parts) == 5 and parts[1:4] == ["vendor", "llama.cpp", "models"]
+                    and parts[4].startswith("ggml-vocab-")):
+                src = tar.extractfile(member)
+                assert src is not None
+                (models / parts[4]).write_bytes(src.read())
+    done.write_text(LLAMA_CPP_SDIST + "\n")
+    return models
