@@ -95,5 +95,18 @@ class LlamaCpp:
         self.llm.eval(list(tokens))
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
+    def greedy(self, prompt: Sequence[int], n: int, stop: Sequence[int] = ()) -> list[int]:
+        """llama.cpp's greedy continuation: argmax of its logits, one cached decode step per token."""
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        out: list[int] = []
+        for _ in range(n):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            if tok in stop:
+                break
+            self.llm.eval([tok])
+        return out
+
     def close(self) -> None:
         self.llm.close()
