@@ -152,13 +152,13 @@ def statistics_of(xs: dict[str, jax.Array], valid: jax.Array, per_position: bool
     and only a group holding NaN/Inf takes the masked path (one `cond` for the group).
     """
     flat = {k: x.reshape(*x.shape[:2], -1).astype(jnp.float32) for k, x in xs.items()}
-    # x * 0 is NaN exactly where x is NaN or Inf
-    nonfinite = sum(jnp.sum(((x * 0.0) != 0.0).astype(jnp.float32)) for x in flat.values())
-
-    def each(fn):
-        return lambda d: {k: fn(x) for k, x in d.items()}
-
-    parts = jax.lax.cond(nonfinite > 0, each(_masked_partials), each(_plain_partials), flat)
+    plain = {k: _plain_partials(x) for k, x in flat.items()}
+    # A NaN or Inf anywhere makes its sum of squares non-finite (so may an overflow, which
+    # merely takes the exact masked path): one check per group, no extra pass over the data.
+    suspect = ~jnp.all(jnp.stack([jnp.isfinite(jnp.sum(p[1])) for p in plain.values()]))
+    parts = jax.lax.cond(
+        suspect, lambda d, _: {k: _masked_partials(x) for k, x in d.items()}, lambda d, p: p, flat, plain
+    )
     return {k: _finish(parts[k], flat[k].shape[-1], valid, per_position) for k in flat}
 
 

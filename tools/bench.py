@@ -6,7 +6,9 @@ Measures: load time (header, conversion with and without compilation, reload of 
 file) next to `gguf.GGUFReader` + `gguf.quants`; forward compile time for 2 and all layers
 (scanned) and all layers unrolled; prefill tokens/s at 128 and 512 tokens for jaxllama and for
 llama.cpp (same file, same thread count, logits for every position on both sides); the cost
-of tracing every probe at every layer; peak RSS.
+of tracing every probe at every layer; greedy decode tokens/s at batch 1 next to llama.cpp and
+the total of a batch of 8 rows (float32 and bfloat16 weights); tokenizing 1 MB next to
+llama.cpp; peak RSS.
 Timings are medians of `--repeats` runs.
 """
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--model", help="GGUF path (default model if omitted)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode measurement (64)")
     args = ap.parse_args()
 
     import gguf
@@ -158,6 +161,47 @@ def main() -> None:
         r["tracing"][str(n)] = {"off_s": round(t_off, 4), "all_probes_s": round(t_on, 4),
                                 "ratio": round(t_on / t_off, 3), "callbacks_per_call": c.n_layer + 1}
     SINKS.clear()
+
+    # --- decode: batch 1 next to llama.cpp, and a batch of 8 rows
+    from jaxllama.generation import generate
+    from jaxllama.sampling import Sampler
+
+    greedy = Sampler(temperature=0.0)
+    prompt = model.tokenizer.encode("The history of the printing press begins in the fifteenth century")
+    n_new = args.decode_tokens
+    r["decode_tok_s"] = {}
+    for dtype in ("float32", "bfloat16"):
+        m = model if dtype == "float32" else jaxllama.load(path, dtype="bfloat16")
+        generate(m, [prompt], n_new, greedy, stop_at_eog=False)  # compile
+        one = [generate(m, [prompt], n_new, greedy, stop_at_eog=False).decode_tok_s for _ in range(args.repeats)]
+        rows = [prompt[: 4 + 2 * i] for i in range(8)]
+        generate(m, rows, n_new, greedy, stop_at_eog=False)
+        eight = [generate(m, rows, n_new, greedy, stop_at_eog=False).decode_tok_s for _ in range(args.repeats)]
+        r["decode_tok_s"][f"jaxllama_{dtype}_batch1"] = round(statistics.median(one), 1)
+        r["decode_tok_s"][f"jaxllama_{dtype}_batch8_total"] = round(statistics.median(eight), 1)
+    ref = LlamaCpp(path, n_ctx=512, n_threads=args.threads)
+
+    def llama_decode() -> float:
+        ref.llm.reset()
+        ref.llm.eval(prompt)
+        t = time.perf_counter()
+        for _ in range(n_new - 1):
+            ref.llm.eval([int(np.argmax(ref.llm.scores[ref.llm.n_tokens - 1]))])
+        return (n_new - 1) / (time.perf_counter() - t)
+
+    llama_decode()
+    r["decode_tok_s"]["llama_cpp_batch1"] = round(statistics.median(llama_decode() for _ in range(args.repeats)), 1)
+    r["decode_tok_s"]["new_tokens"] = n_new
+
+    # --- tokenizer: 1 MB of text
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text() * 1
+    text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
+    tok = model.tokenizer
+    ours, _ = timed(lambda: tok.encode(text, add_special=False), args.repeats)
+    theirs, _ = timed(lambda: ref.tokenize(text), args.repeats)
+    r["tokenize_1mb_s"] = {"jaxllama": round(ours, 3), "llama_cpp": round(theirs, 3),
+                           "tokens": len(tok.encode(text, add_special=False))}
+    ref.close()
     r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(r, indent=1))
 
