@@ -146,6 +146,18 @@ def block(
     return tap("l_out", x + tap("ffn_out", mm("ffn_down", s))), cache
 
 
+def embed(p: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings `[B, T, D]` in float32."""
+    return jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32)
+
+
+def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
+    """Final RMSNorm and output projection (the embedding, transposed, when tied): logits."""
+    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
+    kernel = p["token_embd"]["embedding"].T if c.tied_output else p["output"]["kernel"]
+    return tap("result_output", dense(fake_quant(x, aq.get("output")), kernel))
+
+
 def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Positions `[B, T]` and the causal attention mask `[B, T, S]`.
 
@@ -208,7 +220,7 @@ def forward_capture(
 
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions)
-    x = gtap("inp_embd", jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32))
+    x = gtap("inp_embd", embed(p, tokens))
 
     kept = capture_slots(spec, c)
     bufs = {
@@ -234,9 +246,7 @@ def forward_capture(
         for i in range(c.n_layer):
             (x, bufs), _ = body((x, bufs), (jax.tree.map(lambda a: a[i], p["layers"]), layer_ids[i]))
 
-    x = gtap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
-    out_kernel = p["token_embd"]["embedding"].T if c.tied_output else p["output"]["kernel"]
-    logits = gtap("result_output", dense(fake_quant(x, aq.get("output")), out_kernel))
+    logits = head(p, x, c, aq, gtap)
     emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES)
     captures = {**bufs, **{n: glob[n] for n in spec.capture if n in GLOBAL_PROBES}}
     return logits, captures
@@ -270,17 +280,14 @@ def forward_step(
     mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
     angles = rope_angles(positions, c, freq_factors)
-    x = jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32)
 
     def body(x, xs):
         lp, ck, cv = xs
         x, (ck, cv) = block(x, lp, angles, mask, c, no_tap, aq, (ck, cv, start))
         return x, (ck, cv)
 
-    x, (k, v) = lax.scan(body, x, (p["layers"], cache["k"], cache["v"]))
-    x = rms_norm(x, p["output_norm"]["scale"], c.rms_eps)
-    out_kernel = p["token_embd"]["embedding"].T if c.tied_output else p["output"]["kernel"]
-    return dense(fake_quant(x, aq.get("output")), out_kernel), {"k": k, "v": v}
+    x, (k, v) = lax.scan(body, embed(p, tokens), (p["layers"], cache["k"], cache["v"]))
+    return head(p, x, c, aq), {"k": k, "v": v}
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
