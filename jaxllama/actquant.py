@@ -14,9 +14,12 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .errors import UnsupportedModelError
+from .gguf_file import GGUFFile
 
 VEC_DOT_TYPE: dict[T, str | None] = {
     T.F32: None,
@@ -61,6 +64,51 @@ def _q8_k(x: jax.Array) -> jax.Array:
     q = jnp.minimum(jnp.round(iscale * b), 127.0)
     d = jnp.where(nonzero, 1.0 / jnp.where(nonzero, iscale, 1.0), 0.0)
     return (q * d).reshape(x.shape)
+
+
+def q8_1_sum_correction(x: jax.Array) -> jax.Array:
+    """Per 32-block `[..., K/32]`: llama.cpp's stored block sum minus the sum our round trip implies.
+
+    A Q4_1/Q5_1 dot product adds `m_w * s` per block, where `s = fp16(d * sum(q))` is rounded
+    on its own (d unrounded); the round-tripped activations imply `fp16(d) * sum(q)` instead.
+    Adding `correction @ block_mins` makes the emulated product llama.cpp's, up to float32
+    summation order.
+    """
+    b = _blocks(x, 32)
+    amax = jnp.max(jnp.abs(b), axis=-1)
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    total = jnp.sum(jnp.round(b * inv[..., None]), axis=-1)
+    d = amax / 127.0
+    half = lambda v: v.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
+    return half(d * total) - half(d) * total
+
+
+def block_mins(raw: np.ndarray, ggml_type: T) -> np.ndarray:
+    """The float16 block minimum `m` of Q4_1/Q5_1 rows `[out, row_bytes]` -> `[K/32, out]` float32.
+
+    Both formats start a block with the fp16 scale `d` and then the fp16 minimum `m`.
+    """
+    size = GGML_QUANT_SIZES[ggml_type][1]
+    blocks = raw.reshape(raw.shape[0], -1, size)
+    return np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32).T
+
+
+def with_block_mins(params: dict, f: GGUFFile, plan: tuple[tuple[str, str | None], ...], n_layer: int) -> dict:
+    """A copy of `params` where each Q4_1/Q5_1 matrix leaf also holds `mins` (see q8_1_sum_correction)."""
+    p = dict(params["params"])
+    layers = dict(p["layers"])
+    for short, kind in plan:
+        if kind != "q8_1":
+            continue
+        if short == "output":
+            name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+            p["output"] = {**p.get("output", {}), "mins": jnp.asarray(block_mins(f.raw(name), f.tensors[name].ggml_type))}
+            continue
+        names = [f"blk.{i}.{short}.weight" for i in range(n_layer)]
+        mins = np.stack([block_mins(f.raw(n), f.tensors[n].ggml_type) for n in names])
+        layers[short] = {**layers[short], "mins": jnp.asarray(mins)}
+    p["layers"] = layers
+    return {"params": p}
 
 
 def fake_quant(x: jax.Array, kind: str | None) -> jax.Array:

@@ -24,7 +24,7 @@ from .config import LlamaConfig
 from .default_model import default_model_path, sha256_file
 from .errors import GGUFFormatError, InvalidInputError, JaxLlamaError
 from .gguf_file import GGUF_MAGIC, read_gguf
-from .actquant import act_quant_plan
+from .actquant import act_quant_plan, with_block_mins
 from .model import Params, forward_capture_jit
 from .params import DTYPES, params_from_gguf
 from .tokenizer import Tokenizer
@@ -73,9 +73,18 @@ class Model:
         return check_tokens(tokens, self.config, what)
 
     def with_act_quant(self, enabled: bool = True) -> "Model":
-        """This model, emulating (or not) llama.cpp's activation quantization for its weight types."""
-        plan = act_quant_plan(self.tensor_types, self.config.n_layer) if enabled else None
-        return dataclasses.replace(self, act_quant=plan)
+        """This model, emulating (or not) llama.cpp's activation quantization for its weight types.
+
+        For Q4_1/Q5_1 weights the block minimums are read from the GGUF (`self.source`) so the
+        Q8_1 block-sum term can be reproduced too (see `actquant`).
+        """
+        if not enabled:
+            return dataclasses.replace(self, act_quant=None)
+        plan = act_quant_plan(self.tensor_types, self.config.n_layer)
+        params = self.params
+        if any(kind == "q8_1" for _, kind in plan):
+            params = with_block_mins(params, read_gguf(self.source), plan, self.config.n_layer)
+        return dataclasses.replace(self, act_quant=plan, params=params)
 
     def _run(self, tokens: np.ndarray, valid: np.ndarray | None, scan_layers: bool = True) -> np.ndarray:
         """The jitted forward on `[B, T]` ids, under the active `trace` recorder if there is one."""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .actquant import fake_quant
+from .actquant import fake_quant, q8_1_sum_correction
 from .config import LlamaConfig
 from .probes import (
     GLOBAL_PROBES,
@@ -123,7 +123,7 @@ def block(
     aq = act_quant or {}
 
     def mm(name: str, h: jax.Array) -> jax.Array:
-        return dense(fake_quant(h, aq.get(name)), p[name]["kernel"])
+        return project(h, p[name], aq.get(name))
 
     b, t, _ = x.shape
     h = tap("attn_norm", rms_norm(x, p["attn_norm"]["scale"], c.rms_eps))
@@ -154,8 +154,22 @@ def embed(p: Params, tokens: jax.Array) -> jax.Array:
 def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
     """Final RMSNorm and output projection (the embedding, transposed, when tied): logits."""
     x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
-    kernel = p["token_embd"]["embedding"].T if c.tied_output else p["output"]["kernel"]
-    return tap("result_output", dense(fake_quant(x, aq.get("output")), kernel))
+    leaf = dict(p.get("output", {}))
+    if c.tied_output:
+        leaf["kernel"] = p["token_embd"]["embedding"].T
+    return tap("result_output", project(x, leaf, aq.get("output")))
+
+
+def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:
+    """`x @ leaf["kernel"]`, optionally as llama.cpp computes it on quantized weights.
+
+    With `act_kind`, activations take llama.cpp's round trip first (`actquant.fake_quant`); a
+    Q4_1/Q5_1 leaf that also holds `mins` gets the block-sum correction of its Q8_1 dot product.
+    """
+    out = dense(fake_quant(x, act_kind), leaf["kernel"])
+    if act_kind == "q8_1" and "mins" in leaf:
+        out = out + dense(q8_1_sum_correction(x), leaf["mins"])
+    return out
 
 
 def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
