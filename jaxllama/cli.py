@@ -220,13 +220,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_logits(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .loader import load
-
     tokens = parse_token_list(args.tokens)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise InvalidInputError(f"--out: directory {out.parent} does not exist")
-    model = load(_model_path(args.model), dtype=args.dtype)
+    model = _load_model(args)
     logits = model.logits(tokens)
     try:
         np.save(out, logits)
@@ -237,14 +235,13 @@ def _cmd_logits(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .loader import load
     from .probes import check_probe_names
     from .provenance import provenance
     from .recorder import JUMP, finite_or_none, trace
 
     probes = check_probe_names(p.strip() for p in args.probes.split(",")) if args.probes else None
     layers = parse_layers(args.layers)
-    model = load(_model_path(args.model), dtype=args.dtype)
+    model = _load_model(args)
     tokens = _input_tokens(args, model)
     model.check_tokens(tokens)
     with trace(probes=probes, layers=layers, per_position=args.per_position) as rec:
@@ -267,10 +264,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .comparison import compare
-    from .loader import load
     from .provenance import provenance
 
-    model = load(_model_path(args.model), dtype=args.dtype)
+    model = _load_model(args)
     tokens = _input_tokens(args, model)
     if args.reference is not None and not Path(args.reference).is_file():
         raise InvalidInputError(f"--reference: {args.reference}: no such file")

@@ -173,6 +173,11 @@ def _prepare(
     return tokens, pad, state
 
 
+def _static(model: Any, tokens: np.ndarray, max_new: int, sampler: Sampler, stop_at_eog: bool) -> Static:
+    eog = tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else ()
+    return Static(model.config, sampler, eog, tokens.shape[1], max_new, model.act_quant)
+
+
 def _seeds(seed: int | Sequence[int], b: int) -> list[int]:
     seeds = [seed] * b if isinstance(seed, int) else list(seed)
     if len(seeds) != b:
@@ -191,9 +196,8 @@ def generate(
     """Generate for a batch of token-id prompts in one on-device loop (`lax.while_loop`)."""
     rows = [model.check_tokens(r, f"prompts[{i}]").tolist() for i, r in enumerate(prompts)]
     seeds = _seeds(seed, len(rows))
-    st = Static(model.config, sampler, tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else (),
-                -(-max(map(len, rows)) // PROMPT_BUCKET) * PROMPT_BUCKET, max_new_tokens, model.act_quant)
     tokens, pad, state = _prepare(rows, model.config, max_new_tokens, sampler, seeds)
+    st = _static(model, tokens, max_new_tokens, sampler, stop_at_eog)
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
     t0 = time.perf_counter()
     prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
@@ -229,9 +233,8 @@ def stream(
     If `timings` is given it receives prefill_s, decode_s, compile_s and the token counts.
     """
     row = model.check_tokens(prompt, "prompt").tolist()
-    st = Static(model.config, sampler, tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else (),
-                -(-len(row) // PROMPT_BUCKET) * PROMPT_BUCKET, max_new_tokens, model.act_quant)
     tokens, pad, state = _prepare([row], model.config, max_new_tokens, sampler, [seed])
+    st = _static(model, tokens, max_new_tokens, sampler, stop_at_eog)
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
