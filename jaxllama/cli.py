@@ -243,7 +243,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers)
     model = _load_model(args)
     tokens = _input_tokens(args, model)
-    model.check_tokens(tokens)
     with trace(probes=probes, layers=layers, per_position=args.per_position) as rec:
         model.logits(tokens)
     if args.plot:

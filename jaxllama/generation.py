@@ -53,7 +53,7 @@ class Static:
     act_quant: tuple | None = None
 
 
-def _push(state: State, tok: jax.Array, s: Sampler, vocab: int) -> State:
+def _push(state: State, tok: jax.Array, vocab: int) -> State:
     """Add a token per row to the penalty window (evicting the oldest)."""
     n = state.window.shape[1]
     if n == 0:
@@ -65,7 +65,7 @@ def _push(state: State, tok: jax.Array, s: Sampler, vocab: int) -> State:
     return state._replace(counts=counts, window=window, fill=state.fill + 1)
 
 
-def _choose(logits: jax.Array, state: State, st: Static) -> tuple[jax.Array, State]:
+def _choose(logits: jax.Array, state: State, st: Static) -> State:
     """Sample this step's token per row and record it."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.step)
     counts = state.counts if st.sampler.uses_penalties else None
@@ -73,20 +73,20 @@ def _choose(logits: jax.Array, state: State, st: Static) -> tuple[jax.Array, Sta
     tok = jnp.where(state.done, -1, tok)
     out = state.out.at[:, state.step].set(tok)
     hit = jnp.isin(tok, jnp.asarray(st.eog, jnp.int32)) if st.eog else jnp.zeros_like(state.done)
-    state = _push(state, jnp.maximum(tok, 0), st.sampler, logits.shape[-1])
-    return tok, state._replace(out=out, last=jnp.maximum(tok, 0), done=state.done | hit, step=state.step + 1)
+    state = _push(state, jnp.maximum(tok, 0), logits.shape[-1])
+    return state._replace(out=out, last=jnp.maximum(tok, 0), done=state.done | hit, step=state.step + 1)
 
 
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, state: State, st: Static) -> State:
     logits, cache = forward_step(params, tokens, state.cache, jnp.int32(0), pad, st.config, st.act_quant)
-    return _choose(logits[:, -1], state._replace(cache=cache), st)[1]
+    return _choose(logits[:, -1], state._replace(cache=cache), st)
 
 
 def _step(params: Params, pad: jax.Array, state: State, st: Static) -> State:
     """One decode step: the last token of each row in, the next token out."""
     slot = st.prompt_len + state.step - 1
     logits, cache = forward_step(params, state.last[:, None], state.cache, slot, pad, st.config, st.act_quant)
-    return _choose(logits[:, 0], state._replace(cache=cache), st)[1]
+    return _choose(logits[:, 0], state._replace(cache=cache), st)
 
 
 def _loop(params: Params, pad: jax.Array, state: State, st: Static) -> State:
