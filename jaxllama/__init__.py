@@ -4,11 +4,14 @@
     model = jaxllama.load()                 # default SmolLM2-135M-Instruct Q4_1
     logits = model.logits([1, 2, 3])        # float32 [T, vocab]
     jaxllama.forward(model.params, tokens, model.config)   # the pure, jit-able forward
+
+The package follows the data path: `gguf` (file -> parameters), `model` (the pure forward),
+`tracing` (probes, statistics, interventions), `text` (tokenizer, chat templates), `generation`
+(samplers, decode loop), `reference` (llama.cpp, an optional extra) and `cli`.
 """
 
-from .comparison import Comparison, compare
-from .config import LlamaConfig
-from .dequant import dequantize
+import sys
+
 from .errors import (
     GGUFFormatError,
     InvalidInputError,
@@ -16,47 +19,56 @@ from .errors import (
     ModelDownloadError,
     UnsupportedModelError,
 )
-from .gguf_file import GGUFFile, TensorInfo, read_gguf
+from .generation import Generation, Sampler, generate, stream
+from .gguf import GGUFFile, LlamaConfig, TensorInfo, dequantize, params_from_gguf, read_gguf
 from .loader import Model, load
 from .model import forward, forward_capture, forward_jit
-from .params import params_from_gguf
-from .chat_template import ChatTemplateError
-from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
-from .probes import GLOBAL_PROBES, LAYER_PROBES, Intervention, ProbeSpec
-from .recorder import Recorder, trace
-from . import interventions
+from .reference import Comparison, ReferenceUnavailableError, compare
+from .text import ChatTemplateError, StreamDecoder, Tokenizer, load_tokenizer
+from .tracing import GLOBAL_PROBES, LAYER_PROBES, Intervention, ProbeSpec, Recorder, interventions, trace
 
 __version__ = "0.1.0"
 
+# Stable public module paths, wherever the code lives: `from jaxllama.interventions import zero`,
+# `from jaxllama.sampling import Sampler`.
+from .generation import sampling  # noqa: E402
+sys.modules[f"{__name__}.interventions"] = interventions
+sys.modules[f"{__name__}.sampling"] = sampling
 
 __all__ = [
+    "ChatTemplateError",
+    "Comparison",
     "GGUFFile",
     "GGUFFormatError",
+    "GLOBAL_PROBES",
+    "Generation",
+    "Intervention",
     "InvalidInputError",
     "JaxLlamaError",
+    "LAYER_PROBES",
     "LlamaConfig",
     "Model",
     "ModelDownloadError",
+    "ProbeSpec",
+    "Recorder",
+    "ReferenceUnavailableError",
+    "Sampler",
+    "StreamDecoder",
     "TensorInfo",
+    "Tokenizer",
     "UnsupportedModelError",
+    "compare",
     "dequantize",
     "forward",
-    "forward_jit",
     "forward_capture",
-    "trace",
-    "Recorder",
-    "ProbeSpec",
-    "Intervention",
-    "LAYER_PROBES",
-    "GLOBAL_PROBES",
+    "forward_jit",
+    "generate",
     "interventions",
-    "compare",
-    "Comparison",
     "load",
+    "load_tokenizer",
     "params_from_gguf",
     "read_gguf",
-    "ChatTemplateError",
-    "StreamDecoder",
-    "Tokenizer",
-    "load_tokenizer",
+    "sampling",
+    "stream",
+    "trace",
 ]

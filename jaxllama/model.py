@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .actquant import fake_quant, q8_1_sum_correction
-from .config import LlamaConfig
-from .probes import (
+from .tracing.actquant import fake_quant, q8_1_sum_correction
+from .gguf.config import LlamaConfig
+from .gguf.convert import Params
+from .tracing.probes import (
     GLOBAL_PROBES,
     LAYER_PROBES,
     ProbeSpec,
@@ -29,7 +30,6 @@ from .probes import (
     store_captures,
 )
 
-Params = dict[str, Any]
 MASKED = -1e30  # finite, so a row with no visible key gives uniform weights, not NaN
 
 

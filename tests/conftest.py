@@ -1,5 +1,6 @@
 """Shared fixtures. The default model and llama.cpp are required: if either is missing the
-tests that need them fail (they are never skipped), because parity is the point."""
+tests that need them fail (they are never skipped), because parity is the point. Tests that run
+llama.cpp in this process carry the `llamacpp` mark (see `reference_gate`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from reference_gate import pytest_configure, pytest_runtest_setup  # noqa: E402,F401
 from tiny_models import TinySpec, write_tiny_gguf  # noqa: E402
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    from jaxllama.default_model import default_model_path
+    from jaxllama.gguf.default_model import default_model_path
 
     return default_model_path()
 
@@ -23,8 +27,8 @@ def default_gguf() -> Path:
 @pytest.fixture(scope="session")
 def f32_gguf(default_gguf: Path) -> Path:
     """The default model with every tensor dequantized to F32 by gguf.quants (cached)."""
-    from jaxllama.default_model import cache_dir
-    from jaxllama.llamacpp import export_f32
+    from jaxllama.gguf.default_model import cache_dir
+    from jaxllama.reference import export_f32
 
     path = cache_dir() / "SmolLM2-135M-Instruct.F32.gguf"
     if not path.exists():
@@ -70,7 +74,7 @@ def llamacpp_vocab_dir() -> Path:
     import subprocess
     import tarfile
 
-    from jaxllama.default_model import cache_dir
+    from jaxllama.gguf.default_model import cache_dir
 
     root = cache_dir() / "llama-cpp-python-sdist"
     models = root / "models"

@@ -3,10 +3,11 @@
 import gguf
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxllama
-from jaxllama.actquant import block_mins, fake_quant
-from jaxllama.llamacpp_trace import capture
+from jaxllama.tracing.actquant import block_mins, fake_quant
+from jaxllama.reference import capture
 from jaxllama.model import project
 
 T = gguf.GGMLQuantizationType
@@ -31,10 +32,11 @@ def q8_1_reference(x, raw):
     return ((dw[None] * dx[:, None]) * sumi + mw[None] * s[:, None]).sum(-1)
 
 
+@pytest.mark.llamacpp
 def test_q8_1_formula_reproduces_llamacpp_and_so_does_project(default_gguf, default_model):
     """Feed llama.cpp's own attn_norm-0 to both: its Vcur-0 must come out (F32 summation order aside)."""
     toks = default_model.tokenizer.encode("The history of the printing press begins in the fifteenth century.")
-    tensors, _ = capture(default_gguf, toks, keep=lambda n: n in ("attn_norm-0", "Vcur-0"))
+    tensors, _, _ = capture(default_gguf, toks, keep=lambda n: n in ("attn_norm-0", "Vcur-0"))
     x = tensors["attn_norm-0"].reshape(len(toks), -1)
     want = tensors["Vcur-0"].reshape(len(toks), -1)
     raw = jaxllama.read_gguf(default_gguf).raw("blk.0.attn_v.weight")

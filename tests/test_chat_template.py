@@ -8,7 +8,7 @@ import time
 import pytest
 
 import jaxllama
-from jaxllama.chat_template import render_chat_template
+from jaxllama.text.chat_template import render_chat_template
 from jaxllama.errors import InvalidInputError, JaxLlamaError
 
 ChatTemplateError = jaxllama.ChatTemplateError

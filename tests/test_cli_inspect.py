@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 import jaxllama
-from jaxllama.probes import statistics_numpy
+from jaxllama.tracing.probes import statistics_numpy
 
 
 def run(*args):

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 import jaxllama
-from jaxllama.interventions import swap_swiglu
-from jaxllama.llamacpp import LlamaCpp
+from jaxllama.tracing.interventions import swap_swiglu
+from jaxllama.reference import LlamaCpp
 from jaxllama.model import rope_angles
-from jaxllama.probes import Intervention, LAYER_PROBES
+from jaxllama.tracing.probes import Intervention, LAYER_PROBES
 from texts import TEXTS
+
+pytestmark = pytest.mark.llamacpp  # runs llama.cpp in-process (see reference_gate)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def model_f32(f32_gguf):
 
 def test_every_probe_agrees_with_llamacpp_on_f32(model_f32, tokens):
     result = jaxllama.compare(model_f32, tokens)
-    assert result.missing == []
+    assert result.missing == {} and result.ok
     assert len(result.diffs) == 3 + len(LAYER_PROBES) * model_f32.config.n_layer
     for d in result.diffs:
         assert d.stat_rel_err <= 1e-3, (d.probe, d.layer, d.ours, d.theirs)

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from jaxllama import ModelDownloadError
-from jaxllama import default_model as dm
+from jaxllama.gguf import default_model as dm
 
 
 def test_default_model_is_verified(default_gguf):

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from jaxllama.dequant import KERNELS, dequantize, supported_types
+from jaxllama.gguf.dequant import KERNELS, dequantize, supported_types
 
 T = gguf.GGMLQuantizationType
 REQUIRED = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

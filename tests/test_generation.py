@@ -12,9 +12,9 @@ import pytest
 import jaxllama
 from jaxllama import InvalidInputError
 from jaxllama.generation import generate, stream
-from jaxllama.llamacpp import LlamaCpp
+from jaxllama.reference import LlamaCpp
 from jaxllama.model import forward_step, init_cache
-from jaxllama.sampling import Sampler
+from jaxllama.generation.sampling import Sampler
 from tiny_models import TinySpec
 
 PROMPTS = [
@@ -57,6 +57,7 @@ def test_decode_steps_equal_the_full_forward(model_f32, pad):
     assert np.abs(got - full).max() <= 1e-5 * np.abs(full).max()
 
 
+@pytest.mark.llamacpp
 def test_greedy_equals_llamacpp_token_for_token(model_f32, ref):
     prompts = [ref.tokenize(p) for p in PROMPTS] + [ref.tokenize(CHAT, parse_special=True)]
     g = generate(model_f32, prompts, 40, Sampler(temperature=0.0), stop_at_eog=False)
@@ -65,6 +66,7 @@ def test_greedy_equals_llamacpp_token_for_token(model_f32, ref):
         assert ours == ref.greedy(prompt, 40)
 
 
+@pytest.mark.llamacpp
 def test_chat_greedy_stops_at_end_of_generation_like_llamacpp(model_f32, ref):
     prompt = ref.tokenize("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", parse_special=True)
     eog = sorted(model_f32.tokenizer.eog_ids)

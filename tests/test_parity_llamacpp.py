@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import jaxllama
-from jaxllama.llamacpp import LlamaCpp
+from jaxllama.reference import LlamaCpp
 from texts import TEXTS
 from tiny_models import TinySpec
+
+pytestmark = pytest.mark.llamacpp  # runs llama.cpp in-process (see reference_gate)
 
 
 def _kl(p_logits, q_logits):

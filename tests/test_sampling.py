@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from jaxllama import InvalidInputError
-from jaxllama.sampling import Sampler, filtered_logits, sample
+from jaxllama.generation.sampling import Sampler, filtered_logits, sample
 
 LOGITS = np.array([2.0, 1.5, 1.4, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
 N = 40_000

@@ -20,6 +20,7 @@ def llamacpp_ids(path, text: str, add_special: bool, parse_special: bool) -> lis
     return ref.tokenize(text.encode(), add_bos=add_special, special=parse_special)
 
 
+@pytest.mark.llamacpp
 def test_json_matches_llamacpp(default_gguf):
     text = "Hello <|im_end|> wörld"
     for flags, add, special in [((), True, False), (("--parse-special",), True, True),
@@ -38,6 +39,7 @@ def test_plain_output_lists_ids_and_pieces(llamacpp_vocab_dir):
     assert [json.loads(p) for _, p in rows] == ["<s>", " Hello", " world"]
 
 
+@pytest.mark.llamacpp
 def test_chat_mode(default_gguf):
     r = run("--model", str(default_gguf), "--text", "Hi", "--chat", "--json")
     assert r.returncode == 0, r.stderr

@@ -13,6 +13,8 @@ import pytest
 import jaxllama
 from jaxllama.errors import InvalidInputError, UnsupportedModelError
 
+pytestmark = pytest.mark.llamacpp  # runs llama.cpp in-process (see reference_gate)
+
 CORPUS = [
     "", " ", "  ", "\n", "\n\n\n", "\t", " \t \n ", "Hello world", " Hello world", "Hello  world  ",
     "The quick brown fox jumps over the lazy dog.", "I'm sure you'll've done it, they're 'quoted' 'S 'LL",
@@ -202,7 +204,7 @@ def _with_metadata(src: Path, dst: Path, changes: dict, drop: tuple[str, ...] = 
     """Copy a vocab-only GGUF with some tokenizer metadata changed (gguf.GGUFWriter)."""
     import gguf
 
-    from jaxllama.gguf_file import read_gguf
+    from jaxllama.gguf.reader import read_gguf
 
     md = read_gguf(src).metadata
     w = gguf.GGUFWriter(str(dst), md.get("general.architecture", "llama"))

@@ -7,9 +7,9 @@ import pytest
 
 import jaxllama
 from jaxllama import InvalidInputError
-from jaxllama.interventions import patch, scale, swap_swiglu, zero
+from jaxllama.tracing.interventions import patch, scale, swap_swiglu, zero
 from jaxllama.model import forward
-from jaxllama.probes import GLOBAL_PROBES, LAYER_PROBES, ORDER, STAT_NAMES, Intervention, ProbeSpec, statistics_numpy
+from jaxllama.tracing.probes import GLOBAL_PROBES, LAYER_PROBES, ORDER, STAT_NAMES, Intervention, ProbeSpec, statistics_numpy
 from tiny_models import TinySpec
 
 TOKENS = [3, 17, 5, 90, 44, 2, 8, 8, 61, 0, 33, 12]

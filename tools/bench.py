@@ -50,12 +50,12 @@ def main() -> None:
     import gguf
 
     import jaxllama
-    from jaxllama.config import LlamaConfig
-    from jaxllama.default_model import default_model_path
-    from jaxllama.gguf_file import read_gguf
-    from jaxllama.llamacpp import LlamaCpp
+    from jaxllama.gguf.config import LlamaConfig
+    from jaxllama.gguf.default_model import default_model_path
+    from jaxllama.gguf.reader import read_gguf
+    from jaxllama.reference import LlamaCpp
     from jaxllama.model import forward
-    from jaxllama.params import params_from_gguf
+    from jaxllama.gguf.convert import params_from_gguf
 
     path = Path(args.model) if args.model else default_model_path()
     r: dict = {
@@ -139,7 +139,7 @@ def main() -> None:
     ref.close()
 
     # --- tracing cost: statistics of every probe at every layer through jax.debug callbacks
-    from jaxllama.probes import ORDER, SINKS, ProbeSpec
+    from jaxllama.tracing.probes import ORDER, SINKS, ProbeSpec
 
     received = []
     SINKS.append(lambda layer, stats: received.append(layer))
@@ -164,7 +164,7 @@ def main() -> None:
 
     # --- decode: batch 1 next to llama.cpp, and a batch of 8 rows
     from jaxllama.generation import generate
-    from jaxllama.sampling import Sampler
+    from jaxllama.generation.sampling import Sampler
 
     greedy = Sampler(temperature=0.0)
     prompt = model.tokenizer.encode("The history of the printing press begins in the fifteenth century")

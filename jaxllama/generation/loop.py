@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import LlamaConfig
-from .errors import InvalidInputError
-from .model import Params, forward_step, init_cache
+from ..gguf.config import LlamaConfig
+from ..errors import InvalidInputError
+from ..model import Params, forward_step, init_cache
 from .sampling import Sampler, sample
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this many slots (fewer compilations)

@@ -7,6 +7,7 @@ jaxllama trace and a llama.cpp trace line up one to one. Shapes are for tokens `
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -14,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import LlamaConfig
-from .errors import InvalidInputError
+from ..gguf.config import LlamaConfig
+from ..errors import InvalidInputError
 
 #: Probes in every layer, in the order the forward computes them.
 LAYER_PROBES: dict[str, str] = {
@@ -251,11 +252,45 @@ def emit_stats(
 
 # ---- on the host ---------------------------------------------------------------------------
 
-#: Receivers of statistics (the active `trace` recorders, innermost last).
-SINKS: list[Callable[[int, dict[str, np.ndarray]], None]] = []
+class _Receivers:
+    """The one stack of active receivers (the `trace` recorders, innermost last).
+
+    Process-global and guarded by a lock. Callbacks arrive on JAX runtime threads and go to the
+    innermost receiver. Traces may nest, but only within one thread: entering a trace while
+    another thread holds one raises, because a callback cannot tell which thread's forward it
+    came from (so this is safe, not concurrent).
+    """
+
+    def __init__(self) -> None:
+        self._stack: list[Any] = []
+        self._owner: int | None = None
+        self._lock = threading.Lock()
+
+    def push(self, receiver: Any) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._stack and self._owner != me:
+                raise InvalidInputError("jaxllama.trace() is already active in another thread; "
+                                        "traces may nest, but only within one thread")
+            self._stack.append(receiver)
+            self._owner = me
+
+    def remove(self, receiver: Any) -> None:
+        with self._lock:
+            self._stack.remove(receiver)
+            if not self._stack:
+                self._owner = None
+
+    def innermost(self) -> Any | None:
+        with self._lock:
+            return self._stack[-1] if self._stack else None
+
+
+RECEIVERS = _Receivers()
 
 
 def _deliver(layer: np.ndarray, stats: dict[str, np.ndarray]) -> None:
-    """Host side of the callback: hand the numbers to the innermost active recorder, if any."""
-    if SINKS:
-        SINKS[-1](int(layer), {k: np.asarray(v) for k, v in stats.items()})
+    """Host side of the callback: hand the numbers to the innermost active receiver, if any."""
+    receiver = RECEIVERS.innermost()
+    if receiver is not None:
+        receiver(int(layer), {k: np.asarray(v) for k, v in stats.items()})

@@ -38,14 +38,36 @@ from gguf import GGMLQuantizationType
 
 from .config import LlamaConfig
 from .dequant import KERNELS, dequantize_blocks, dequantize_numpy
-from .errors import UnsupportedModelError
-from .gguf_file import GGUFFile
+from ..errors import InvalidInputError, UnsupportedModelError
+from .reader import GGUFFile
 
 Params = dict[str, Any]
 
 LAYER_NORMS = ("attn_norm", "ffn_norm")
+#: The matrices of one layer, in the order the forward uses them.
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+#: Every matrix a forward multiplies by: the layer matrices and the output (`token_embd` when tied).
+MATRICES = LAYER_MATRICES + ("output",)
+#: Storage dtypes of matrices and the embedding; arithmetic is float32 either way.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_dtype(dtype: str) -> Any:
+    """The jnp dtype named `dtype`, or `InvalidInputError` listing the valid names."""
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype: must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+def cast_params(params: Params, dtype: str) -> Params:
+    """`params` with every matrix kernel and the embedding stored as `dtype` (norms stay float32)."""
+    target = check_dtype(dtype)
+
+    def cast(path: tuple, leaf: jax.Array) -> jax.Array:
+        name = getattr(path[-1], "key", None)
+        return leaf.astype(target) if name in ("kernel", "embedding") else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def gguf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -124,8 +146,7 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any) -> dict[
 
 def params_from_gguf(f: GGUFFile, c: LlamaConfig, dtype: str = "float32") -> Params:
     """Convert the tensors of `f` into the parameter pytree documented above."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    target = check_dtype(dtype)
     _check_tensors(f, c)
     single = {
         ("token_embd", "embedding"): "token_embd.weight",
@@ -152,7 +173,7 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, dtype: str = "float32") -> Par
     # jit needs string keys in pytrees: key the inputs by the joined path.
     keyed = {"/".join(p): v for p, v in raws.items()}
     spec_keyed = tuple(("/".join(p), k, g) for p, k, g in spec)
-    flat = _convert(keyed, spec_keyed, DTYPES[dtype])
+    flat = _convert(keyed, spec_keyed, target)
     return _unflatten_paths(flat)
 
 

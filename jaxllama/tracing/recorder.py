@@ -21,12 +21,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from .config import LlamaConfig
+from ..gguf.config import LlamaConfig
 from .probes import (
     GLOBAL_PROBES,
     LAYER_PROBES,
     ORDER,
-    SINKS,
+    RECEIVERS,
     STAT_NAMES,
     Intervention,
     ProbeSpec,
@@ -37,12 +37,9 @@ from .probes import (
 
 JUMP = 4.0  # an rms changing by more than this factor from one layer to the next is flagged
 
-_ACTIVE: list["Recorder"] = []
-
-
 def active_recorder() -> "Recorder | None":
-    """The innermost recorder of an enclosing `with trace(...)`, if any."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    """The innermost recorder of an enclosing `with trace(...)`, if any (see `probes.RECEIVERS`)."""
+    return RECEIVERS.innermost()
 
 
 class Recorder:
@@ -237,14 +234,12 @@ def trace(
     `InvalidInputError` listing the valid ones.
     """
     rec = Recorder(probes, layers, per_position, capture, capture_layers, interventions)
-    SINKS.append(rec)
-    _ACTIVE.append(rec)
+    RECEIVERS.push(rec)
     try:
         yield rec
     finally:
         jax.effects_barrier()
-        SINKS.remove(rec)
-        _ACTIVE.remove(rec)
+        RECEIVERS.remove(rec)
 
 
 def finite_or_none(x: float) -> float | None:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 DEFAULTS = {  # llama.cpp's defaults
     "temperature": 0.8,
@@ -36,7 +36,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_from_args(args: argparse.Namespace):
-    from .sampling import Sampler
+    from ..generation.sampling import Sampler
 
     return Sampler(
         temperature=args.temperature,
@@ -56,8 +56,8 @@ def _visible(model: Any, ids: list[int]) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace, load_model: Callable, input_tokens: Callable) -> int:
-    from .generation import generate, stream
-    from .provenance import provenance
+    from ..generation.loop import generate, stream
+    from ..provenance import provenance
 
     sampler = sampler_from_args(args)
     model = load_model(args)
@@ -109,7 +109,7 @@ def _stream_text(model: Any, ids) -> list[int]:
 
 def cmd_chat(args: argparse.Namespace, load_model: Callable) -> int:
     """A conversation on stdin/stdout with the file's chat template; /exit or end of input quits."""
-    from .generation import stream
+    from ..generation.loop import stream
 
     sampler = sampler_from_args(args)
     model = load_model(args)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import jax
 import jax.numpy as jnp
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 NEG_INF = -jnp.inf
 

@@ -1,10 +1,12 @@
 """Compare jaxllama with llama.cpp probe by probe, and find where the two first part.
 
 Both run the same tokens; ours records statistics on device and captures every probe, llama.cpp's
-tensors come from its eval callback (`llamacpp_trace.capture`). For each probe and layer the
+tensors come from its eval callback (`capture.capture`). For each probe and layer the
 report gives the statistics on both sides and, on the tensors themselves, the max abs
 difference, the relative error `|a - b| / |b|` (Frobenius norms) and the cosine similarity.
 The first probe, in execution order, whose relative error exceeds `tol` is where they part.
+A probe llama.cpp did not deliver (missing, or of a type we cannot read) is listed as missing
+and makes the comparison fail: agreement is only reported for what was checked.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .loader import Model
-from .probes import LAYER_PROBES, ORDER, STAT_NAMES, Intervention, statistics_numpy
-from .recorder import finite_or_none, trace
+from ..loader import Model
+from .binding import INSTALL_HINT, ReferenceUnavailableError, is_installed
+from .capture import capture
+from ..tracing.probes import LAYER_PROBES, ORDER, STAT_NAMES, Intervention, statistics_numpy
+from ..tracing.recorder import finite_or_none, trace
 
 #: llama.cpp's names where they differ from ours
 LLAMACPP_NAMES = {"inp_embd": ("inp_embd", "embd")}
@@ -55,7 +59,13 @@ class Comparison:
     tol: float
     tokens: list[int]
     act_quant: bool
-    missing: list[str] = field(default_factory=list)  # llama.cpp tensors not found
+    #: llama.cpp tensors not delivered, with the reason ("not produced" or the unreadable type)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Every probe was compared and none exceeds `tol`."""
+        return not self.missing and self.first_divergence is None
 
     @property
     def first_divergence(self) -> ProbeDiff | None:
@@ -77,17 +87,25 @@ class Comparison:
 
     def summary(self) -> str:
         first = self.first_divergence
+        lines = []
         if first is None:
-            return f"all {len(self.diffs)} probes agree within relative error {self.tol:g}"
-        where = "outside the layers" if first.layer is None else f"layer {first.layer}"
-        return (f"first divergence: {first.probe} at {where} (relative error {first.rel_err:.3g} > {self.tol:g}, "
-                f"cosine {first.cosine:.6f})")
+            lines.append(f"all {len(self.diffs)} compared probes agree within relative error {self.tol:g}")
+        else:
+            where = "outside the layers" if first.layer is None else f"layer {first.layer}"
+            lines.append(f"first divergence: {first.probe} at {where} (relative error {first.rel_err:.3g} > "
+                         f"{self.tol:g}, cosine {first.cosine:.6f})")
+        if self.missing:
+            shown = ", ".join(f"{k} ({v})" for k, v in list(self.missing.items())[:8])
+            more = f" and {len(self.missing) - 8} more" if len(self.missing) > 8 else ""
+            lines.append(f"NOT CHECKED: {len(self.missing)} probes missing from llama.cpp's capture: {shown}{more}")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         first = self.first_divergence
         return {
             "tol": self.tol,
             "act_quant_emulated": self.act_quant,
+            "ok": self.ok,
             "first_divergence": None if first is None else {"probe": first.probe, "layer": first.layer},
             "missing_in_llama_cpp": self.missing,
             "probes": [d.as_dict() for d in self.diffs],
@@ -122,9 +140,9 @@ def compare(
     llama.cpp's activation quantization on our side. interventions: applied to our forward
     only (e.g. to check that a planted bug is found).
     """
-    from .llamacpp_trace import capture
-
     ids = model.check_tokens(tokens).tolist()
+    if not is_installed():
+        raise ReferenceUnavailableError(f"jaxllama compare needs llama-cpp-python; {INSTALL_HINT}")
     m = model.with_act_quant(act_quant)
     with trace(capture=ORDER, interventions=interventions) as rec:
         m.logits(ids)
@@ -132,10 +150,11 @@ def compare(
 
     wanted = {f"{p}-{i}" for p in LAYER_PROBES for i in range(model.config.n_layer)}
     wanted |= {n for p in ORDER if p not in LAYER_PROBES for n in LLAMACPP_NAMES.get(p, (p,))}
-    tensors, _ = capture(reference or model.source, ids, keep=wanted.__contains__, n_threads=n_threads)
+    tensors, _, unreadable = capture(reference or model.source, ids, keep=wanted.__contains__, n_threads=n_threads)
 
     t = len(ids)
-    diffs, missing = [], []
+    diffs: list[ProbeDiff] = []
+    missing: dict[str, str] = {}
     order = [("inp_embd", None)]
     order += [(p, i) for i in range(model.config.n_layer) for p in LAYER_PROBES]
     order += [("result_norm", None), ("result_output", None)]
@@ -143,7 +162,7 @@ def compare(
         names = [f"{probe}-{layer}"] if layer is not None else list(LLAMACPP_NAMES.get(probe, (probe,)))
         theirs = next((tensors[n] for n in names if n in tensors), None)
         if theirs is None:
-            missing.append(names[0])
+            missing[names[0]] = next((unreadable[n] for n in names if n in unreadable), "not produced")
             continue
         ours = rec.activation(probe, layer)[0]
         diffs.append(_diff(probe, layer, ours_stats[(probe, layer)], ours.reshape(t, -1), theirs.reshape(t, -1)))

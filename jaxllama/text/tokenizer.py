@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFFormatError, InvalidInputError, UnsupportedModelError
+from ..errors import GGUFFormatError, InvalidInputError, UnsupportedModelError
 from .pretokenizers import PreTokenizer, bpe_pre_tokenizer
 
 # llama_token_attr bits (llama.h)
@@ -574,8 +574,8 @@ class StreamDecoder:
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer of a GGUF (a full model or a vocab-only file); None for the default model."""
-    from .default_model import default_model_path
-    from .gguf_file import read_gguf
+    from ..gguf.default_model import default_model_path
+    from ..gguf.reader import read_gguf
 
     p = default_model_path() if path is None else path
     return Tokenizer(read_gguf(p).metadata, name=str(p))

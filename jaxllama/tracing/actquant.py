@@ -10,7 +10,8 @@ the x86 SIMD paths llama.cpp runs here: scale 127/amax, round half to even, fp16
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .errors import UnsupportedModelError
-from .gguf_file import GGUFFile
+from ..errors import GGUFFormatError, UnsupportedModelError
+from ..gguf.convert import MATRICES
+from ..gguf.default_model import sha256_file
+from ..gguf.reader import GGUFFile, read_gguf
 
 VEC_DOT_TYPE: dict[T, str | None] = {
     T.F32: None,
@@ -37,7 +40,6 @@ K_FAMILY = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S
             T.IQ3_S, T.IQ1_S, T.IQ1_M, T.IQ4_XS, T.TQ1_0, T.TQ2_0)
 VEC_DOT_TYPE.update({t: "q8_k" for t in K_FAMILY})
 
-MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")
 
 
 def _blocks(x: jax.Array, size: int) -> jax.Array:
@@ -145,3 +147,28 @@ def act_quant_plan(tensor_types: Mapping[str, str], n_layer: int) -> tuple[tuple
             )
         plan.append((short, kinds.pop()))
     return tuple(plan)
+
+
+def with_act_quant(model: Any, enabled: bool = True) -> Any:
+    """`model` (a `Model`), emulating (or not) llama.cpp's activation quantization for its weight types.
+
+    For Q4_1/Q5_1 weights the block minimums are read from the source GGUF so the Q8_1 block-sum
+    term can be reproduced too. A model reloaded from a saved file names its source GGUF and
+    that file's SHA-256; the file is re-hashed first, so a changed or replaced file is refused.
+    """
+    if not enabled:
+        return dataclasses.replace(model, act_quant=None)
+    plan = act_quant_plan(model.tensor_types, model.config.n_layer)
+    params = model.params
+    if any(kind == "q8_1" for _, kind in plan):
+        if model.source_sha256 is not None:
+            try:
+                actual = sha256_file(model.source)
+            except OSError as e:
+                raise GGUFFormatError(f"{model.source}: source GGUF of the saved model cannot be read "
+                                      f"({e.strerror or e})") from None
+            if actual != model.source_sha256:
+                raise GGUFFormatError(f"{model.source}: SHA-256 {actual[:12]}... differs from the saved model's "
+                                      f"source {model.source_sha256[:12]}...; it is not the file the model came from")
+        params = with_block_mins(params, read_gguf(model.source), plan, model.config.n_layer)
+    return dataclasses.replace(model, act_quant=plan, params=params)

@@ -28,7 +28,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, NoReturn
 
-from .errors import JaxLlamaError, InvalidInputError
+from ..errors import JaxLlamaError, InvalidInputError
 
 TIME_LIMIT_S = 2.0
 MAX_OUTPUT_CHARS = 4_000_000

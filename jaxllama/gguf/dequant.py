@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from jax import lax
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 T = GGMLQuantizationType
 Kernel = Callable[[jax.Array], jax.Array]

@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GGUFFormatError, UnsupportedModelError
-from .gguf_file import GGUFFile
+from ..errors import GGUFFormatError, UnsupportedModelError
+from .reader import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

@@ -1,4 +1,5 @@
-"""Command line: `jaxllama info` and `jaxllama logits` (also `python -m jaxllama`).
+"""The `jaxllama` command line: the parser, error handling and the inspection commands
+(info, logits, tokenize, trace, compare); generation lives in `cli.generate`.
 
 Every failure is one line on stderr and a non-zero exit: 2 for usage errors, 1 for bad
 input or files; an unexpected internal error prints one line too (exit 3), with the
@@ -16,9 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_generate import add_sampling_args, cmd_chat, cmd_generate
-from .errors import InvalidInputError, JaxLlamaError
-from .probes import ORDER
+from .generate import add_sampling_args, cmd_chat, cmd_generate
+from ..errors import InvalidInputError, JaxLlamaError
+from ..tracing.probes import ORDER
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -129,15 +130,15 @@ def parse_token_list(text: str, what: str = "--tokens") -> list[int]:
 
 
 def _model_path(arg: str | None) -> Path:
-    from .default_model import default_model_path
+    from ..gguf.default_model import default_model_path
 
     return default_model_path() if arg is None else Path(arg)
 
 
 def summarize(path: Path) -> dict[str, Any]:
     """What `jaxllama info` shows, as data."""
-    from .config import LlamaConfig
-    from .gguf_file import read_gguf
+    from ..gguf.config import LlamaConfig
+    from ..gguf.reader import read_gguf
 
     f = read_gguf(path)
     md = f.metadata
@@ -235,9 +236,9 @@ def _cmd_logits(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .probes import check_probe_names
-    from .provenance import provenance
-    from .recorder import JUMP, finite_or_none, trace
+    from ..tracing.probes import check_probe_names
+    from ..provenance import provenance
+    from ..tracing.recorder import JUMP, finite_or_none, trace
 
     probes = check_probe_names(p.strip() for p in args.probes.split(",")) if args.probes else None
     layers = parse_layers(args.layers)
@@ -262,8 +263,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .comparison import compare
-    from .provenance import provenance
+    from ..reference.compare import compare
+    from ..provenance import provenance
 
     model = _load_model(args)
     tokens = _input_tokens(args, model)
@@ -273,14 +274,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         out = result.as_dict() | {"reproduce": provenance(model, tokens, tol=args.tol, act_quant=args.act_quant)}
         print(json.dumps(out))
-        return 0
+        return 0 if result.ok else 1
     print(result.table(only_layers=parse_layers(args.layers)))
     print(result.summary())
-    return 0
+    return 0 if result.ok else 1
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from .tokenizer import load_tokenizer
+    from ..text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(_model_path(args.model))
     text, parse_special = args.text, args.parse_special
@@ -300,7 +301,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from .loader import load
+    from ..loader import load
 
     return load(_model_path(args.model), dtype=args.dtype)
 
