@@ -3,8 +3,9 @@
 Numerics follow llama.cpp's graph for GGUF `llama` weights: RMSNorm `x / sqrt(mean(x^2) + eps) * w`,
 RoPE on adjacent pairs `(x[2i], x[2i+1])` with llama.cpp's theta recurrence, grouped-query
 attention (query head h reads KV head h // n_group), SwiGLU `silu(gate) * up`, output tied to
-the embedding when the file has no `output.weight`. Activations are float32 whatever the
-weight dtype; matrix products use full float32 precision on every backend.
+the embedding when the file has no `output.weight`. Activations and arithmetic are float32
+whatever the weight storage dtype (bfloat16 weights are widened, activations are never rounded);
+matrix products use full float32 precision on every backend.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax import lax
 
 from .tracing.actquant import fake_quant, q8_1_sum_correction
 from .gguf.config import LlamaConfig
+from .errors import InvalidInputError
 from .gguf.convert import Params
 from .tracing.probes import (
     GLOBAL_PROBES,
@@ -34,11 +36,16 @@ MASKED = -1e30  # finite, so a row with no visible key gives uniform weights, no
 
 
 def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`x @ kernel` with float32 accumulation and full precision (no TF32 on GPUs)."""
+    """`x @ kernel` in float32 with full precision (no TF32 on GPUs).
+
+    A bfloat16 kernel is a storage choice: it is widened to float32 and the activations are
+    never rounded, so a bfloat16 model computes exactly what a float32 model with
+    bfloat16-rounded weights computes.
+    """
     return jnp.einsum(
         "...i,io->...o",
-        x.astype(kernel.dtype),
-        kernel,
+        x.astype(jnp.float32),
+        kernel.astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,
     )
@@ -249,7 +256,7 @@ def forward_capture(
         lp, layer = xs
         seen: dict[str, jax.Array] = {}
         x, _ = block(x, lp, angles, mask, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
-        emit_stats(spec, layer, seen, valid_rows, LAYER_PROBES)
+        emit_stats(spec, layer, seen, valid_rows, LAYER_PROBES, positions)
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
 
@@ -261,7 +268,7 @@ def forward_capture(
             (x, bufs), _ = body((x, bufs), (jax.tree.map(lambda a: a[i], p["layers"]), layer_ids[i]))
 
     logits = head(p, x, c, aq, gtap)
-    emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES)
+    emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES, positions)
     captures = {**bufs, **{n: glob[n] for n in spec.capture if n in GLOBAL_PROBES}}
     return logits, captures
 
@@ -274,6 +281,7 @@ def forward_step(
     pad: jax.Array,
     config: LlamaConfig,
     act_quant: tuple[tuple[str, str | None], ...] | None = None,
+    probes: ProbeSpec | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run tokens `[B, T]` that occupy cache slots `start .. start+T-1`; return logits and the new cache.
 
@@ -281,27 +289,55 @@ def forward_step(
     the layer scan carries it. Rows are left-padded: row b's first real token sits in slot
     `pad[b]`, so its positions are `slot - pad[b]`, and slots before `pad[b]` are never
     attended to. Prefill is one call with the (padded) prompt at `start = 0`; each decode step
-    is a call with one token per row.
+    is a call with one token per row. `probes` (static) sends statistics and applies
+    interventions as in `forward`, for the tokens of this call; captures are not supported here.
     """
     p = params["params"]
     c = config
     aq = dict(act_quant or ())
     b, t = tokens.shape
     s = cache["k"].shape[2]
+    check_slots(start, t, s)
     slots = start + jnp.arange(t)
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
     keys = jnp.arange(s)
     mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
     angles = rope_angles(positions, c, freq_factors)
+    spec = probes or ProbeSpec()
+    if spec.capture:
+        raise InvalidInputError("capture is not supported in the cached decode step (generation); "
+                                "capture with a plain forward (Model.logits) of the generated tokens")
+    valid = slots[None, :] >= pad[:, None]
 
     def body(x, xs):
-        lp, ck, cv = xs
-        x, (ck, cv) = block(x, lp, angles, mask, c, no_tap, aq, (ck, cv, start))
+        lp, ck, cv, layer = xs
+        seen: dict[str, jax.Array] = {}
+        tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
+        x, (ck, cv) = block(x, lp, angles, mask, c, tap, aq, (ck, cv, start))
+        emit_stats(spec, layer, seen, valid, LAYER_PROBES, positions)
         return x, (ck, cv)
 
-    x, (k, v) = lax.scan(body, embed(p, tokens), (p["layers"], cache["k"], cache["v"]))
-    return head(p, x, c, aq), {"k": k, "v": v}
+    glob: dict[str, jax.Array] = {}
+    gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
+    layer_ids = jnp.arange(c.n_layer, dtype=jnp.int32)
+    x, (k, v) = lax.scan(body, gtap("inp_embd", embed(p, tokens)), (p["layers"], cache["k"], cache["v"], layer_ids))
+    logits = head(p, x, c, aq, gtap)
+    emit_stats(spec, jnp.int32(-1), glob, valid, GLOBAL_PROBES, positions)
+    return logits, {"k": k, "v": v}
+
+
+def check_slots(start: Any, t: int, s: int) -> None:
+    """Refuse a concrete `start` whose `t` slots do not fit a cache of `s` slots.
+
+    `dynamic_update_slice` would silently clamp it and overwrite other tokens' keys. Inside jit
+    `start` is traced and cannot be checked here; the decode loop keeps it in range itself.
+    """
+    if isinstance(start, jax.core.Tracer):
+        return
+    first = int(np.asarray(start))
+    if first < 0 or first + t > s:
+        raise InvalidInputError(f"start: cache slots {first}..{first + t - 1} are outside the cache's 0..{s - 1}")
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:

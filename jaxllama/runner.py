@@ -54,7 +54,7 @@ def run_forward(model: Any, tokens: np.ndarray, valid: np.ndarray | None, scan_l
     rec = active_recorder()
     spec = rec.spec_for(model.config) if rec else None
     if rec:
-        rec.begin_call(np.ones(tokens.shape, bool) if valid is None else valid)
+        rec.begin_call()
     out, captures = forward_capture_jit(
         model.params,
         jnp.asarray(tokens),

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_arg(cp)
     _input_args(cp)
     cp.add_argument("--reference", metavar="PATH", help="GGUF for llama.cpp (default: the same file)")
-    cp.add_argument("--tol", type=float, default=1e-2, help="relative error beyond which a probe has parted (1e-2)")
+    cp.add_argument("--tol", default="1e-2", help="relative error beyond which a probe has parted (1e-2)")
     cp.add_argument("--act-quant", action="store_true", help="emulate llama.cpp's activation quantization")
     cp.add_argument("--layers", help="layers to show in the table, e.g. 0-2,29 (all are compared)")
     cp.add_argument("--json", action="store_true", help="print the full comparison as JSON")
@@ -89,18 +89,36 @@ def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
 
 
-def parse_layers(text: str | None, what: str = "--layers") -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None stays None."""
+def parse_layers(text: str | None, n_layer: int, what: str = "--layers") -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7], each layer checked against `n_layer` before a range is
+    expanded (so '0-1000000000' is an error, not a billion-element list); None stays None."""
     if text is None:
         return None
     out: list[int] = []
     for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
+        lo_text, sep, hi_text = part.strip().partition("-")
         try:
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+            lo, hi = int(lo_text), int(hi_text) if sep else int(lo_text)
         except ValueError:
             raise InvalidInputError(f"{what}: {part.strip()!r} is not a layer number or range like 5-7") from None
+        if hi < lo:
+            raise InvalidInputError(f"{what}: {part.strip()!r} is an empty range")
+        for end in (lo, hi):
+            if not 0 <= end < n_layer:
+                raise InvalidInputError(f"{what}: layer {end} out of range; valid layers: 0..{n_layer - 1}")
+        out.extend(range(lo, hi + 1))
     return out
+
+
+def positive_float(text: str, what: str) -> float:
+    """A finite number > 0 (argparse gives NaN and inf happily)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{what} must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _input_tokens(args: argparse.Namespace, model: Any) -> list[int]:
@@ -228,7 +246,8 @@ def _cmd_logits(args: argparse.Namespace) -> int:
     model = _load_model(args)
     logits = model.logits(tokens)
     try:
-        np.save(out, logits)
+        with open(out, "wb") as fh:  # np.save(path) would append ".npy" to a name without it
+            np.save(fh, logits)
     except OSError as e:
         raise InvalidInputError(f"--out: cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: float32 logits of shape {list(logits.shape)}", file=sys.stderr)
@@ -241,8 +260,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from ..tracing.recorder import JUMP, finite_or_none, trace
 
     probes = check_probe_names(p.strip() for p in args.probes.split(",")) if args.probes else None
-    layers = parse_layers(args.layers)
     model = _load_model(args)
+    layers = parse_layers(args.layers, model.config.n_layer)
     tokens = _input_tokens(args, model)
     with trace(probes=probes, layers=layers, per_position=args.per_position) as rec:
         model.logits(tokens)
@@ -266,16 +285,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ..reference.compare import compare
     from ..provenance import provenance
 
+    tol = positive_float(args.tol, "--tol")
     model = _load_model(args)
+    layers = parse_layers(args.layers, model.config.n_layer)
     tokens = _input_tokens(args, model)
     if args.reference is not None and not Path(args.reference).is_file():
         raise InvalidInputError(f"--reference: {args.reference}: no such file")
-    result = compare(model, tokens, reference=args.reference, tol=args.tol, act_quant=args.act_quant)
+    result = compare(model, tokens, reference=args.reference, tol=tol, act_quant=args.act_quant)
     if args.json:
-        out = result.as_dict() | {"reproduce": provenance(model, tokens, tol=args.tol, act_quant=args.act_quant)}
+        out = result.as_dict() | {"reproduce": provenance(model, tokens, tol=tol, act_quant=args.act_quant)}
         print(json.dumps(out))
         return 0 if result.ok else 1
-    print(result.table(only_layers=parse_layers(args.layers)))
+    print(result.table(only_layers=layers))
     print(result.summary())
     return 0 if result.ok else 1
 

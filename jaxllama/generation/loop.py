@@ -12,6 +12,7 @@ Functions are compiled ahead of time per shape, so reported speeds exclude compi
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -23,6 +24,8 @@ import numpy as np
 from ..gguf.config import LlamaConfig
 from ..errors import InvalidInputError
 from ..model import Params, forward_step, init_cache
+from ..tracing.probes import ProbeSpec
+from ..tracing.recorder import active_recorder
 from .sampling import Sampler, sample
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this many slots (fewer compilations)
@@ -51,6 +54,7 @@ class Static:
     prompt_len: int
     max_new: int
     act_quant: tuple | None = None
+    probes: ProbeSpec | None = None  # the active trace's selection (statistics, interventions)
 
 
 def _push(state: State, tok: jax.Array, vocab: int) -> State:
@@ -78,14 +82,15 @@ def _choose(logits: jax.Array, state: State, st: Static) -> State:
 
 
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, state: State, st: Static) -> State:
-    logits, cache = forward_step(params, tokens, state.cache, jnp.int32(0), pad, st.config, st.act_quant)
+    logits, cache = forward_step(params, tokens, state.cache, jnp.int32(0), pad, st.config, st.act_quant, st.probes)
     return _choose(logits[:, -1], state._replace(cache=cache), st)
 
 
 def _step(params: Params, pad: jax.Array, state: State, st: Static) -> State:
     """One decode step: the last token of each row in, the next token out."""
     slot = st.prompt_len + state.step - 1
-    logits, cache = forward_step(params, state.last[:, None], state.cache, slot, pad, st.config, st.act_quant)
+    logits, cache = forward_step(params, state.last[:, None], state.cache, slot, pad, st.config, st.act_quant,
+                                 st.probes)
     return _choose(logits[:, 0], state._replace(cache=cache), st)
 
 
@@ -143,6 +148,9 @@ def _prepare(
         raise InvalidInputError(
             f"max_new_tokens: {longest} prompt tokens + {max_new} new tokens exceed the context length {c.context_length}"
         )
+    if sampler.uses_penalties and sampler.penalty_last_n > c.context_length:
+        raise InvalidInputError(f"penalty_last_n {sampler.penalty_last_n} exceeds the context length "
+                                f"{c.context_length}; the penalty window cannot be longer than the context")
     b = len(rows)
     p = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     tokens = np.zeros((b, p), np.int32)
@@ -175,7 +183,26 @@ def _prepare(
 
 def _static(model: Any, tokens: np.ndarray, max_new: int, sampler: Sampler, stop_at_eog: bool) -> Static:
     eog = tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else ()
-    return Static(model.config, sampler, eog, tokens.shape[1], max_new, model.act_quant)
+    rec = active_recorder()
+    probes = rec.spec_for(model.config) if rec else None
+    if probes is not None and probes.capture:
+        raise InvalidInputError("trace(capture=...) is not supported during generation: statistics and "
+                                "interventions are; capture with model.logits() on the generated tokens")
+    return Static(model.config, sampler, eog, tokens.shape[1], max_new, model.act_quant, probes)
+
+
+@contextmanager
+def _recorded(rows: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Tell the active trace recorder, if any, that a generation of these prompts runs."""
+    rec = active_recorder()
+    if rec is None:
+        yield
+        return
+    rec.begin_call([len(r) for r in rows])
+    try:
+        yield
+    finally:
+        rec.end_call()
 
 
 def _seeds(seed: int | Sequence[int], b: int) -> list[int]:
@@ -199,15 +226,16 @@ def generate(
     tokens, pad, state = _prepare(rows, model.config, max_new_tokens, sampler, seeds)
     st = _static(model, tokens, max_new_tokens, sampler, stop_at_eog)
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
-    t0 = time.perf_counter()
-    prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
-    t1 = time.perf_counter()
-    state = jax.block_until_ready(prefill(model.params, tokens, pad, state))
-    t2 = time.perf_counter()
-    loop = _compiled("loop", _loop, st, model.params, pad, state)
-    t3 = time.perf_counter()
-    state = jax.block_until_ready(loop(model.params, pad, state))
-    t4 = time.perf_counter()
+    with _recorded(rows):
+        t0 = time.perf_counter()
+        prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
+        t1 = time.perf_counter()
+        state = jax.block_until_ready(prefill(model.params, tokens, pad, state))
+        t2 = time.perf_counter()
+        loop = _compiled("loop", _loop, st, model.params, pad, state)
+        t3 = time.perf_counter()
+        state = jax.block_until_ready(loop(model.params, pad, state))
+        t4 = time.perf_counter()
     out = np.asarray(state.out)
     gens, reasons = [], []
     for row in out:
@@ -237,22 +265,23 @@ def stream(
     st = _static(model, tokens, max_new_tokens, sampler, stop_at_eog)
     tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
     t = timings if timings is not None else {}
-    t0 = time.perf_counter()
-    prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
-    t1 = time.perf_counter()
-    state = prefill(model.params, tokens, pad, state)
-    tok = int(state.out[0, 0])
-    t2 = time.perf_counter()
-    step = _compiled("step", _step, st, model.params, pad, state)
-    t3 = time.perf_counter()
-    t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=(t1 - t0) + (t3 - t2), decode_s=0.0, steps=0)
-    yield tok
-    for i in range(1, max_new_tokens):
-        if bool(state.done[0]):
-            break
-        a = time.perf_counter()
-        state = step(model.params, pad, state)
-        tok = int(state.out[0, i])
-        t["decode_s"] += time.perf_counter() - a
-        t["steps"] += 1
+    with _recorded([row]):
+        t0 = time.perf_counter()
+        prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
+        t1 = time.perf_counter()
+        state = prefill(model.params, tokens, pad, state)
+        tok = int(state.out[0, 0])
+        t2 = time.perf_counter()
+        step = _compiled("step", _step, st, model.params, pad, state)
+        t3 = time.perf_counter()
+        t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=(t1 - t0) + (t3 - t2), decode_s=0.0, steps=0)
         yield tok
+        for i in range(1, max_new_tokens):
+            if bool(state.done[0]):
+                break
+            a = time.perf_counter()
+            state = step(model.params, pad, state)
+            tok = int(state.out[0, i])
+            t["decode_s"] += time.perf_counter() - a
+            t["steps"] += 1
+            yield tok

@@ -104,7 +104,9 @@ class _Cursor:
         self.need(n, what)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        # Lossless: invalid UTF-8 (a vocabulary entry holding half a character, say) keeps its
+        # bytes as surrogate escapes; `.encode("utf-8", "surrogateescape")` gives them back.
+        return raw.decode("utf-8", errors="surrogateescape")
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:

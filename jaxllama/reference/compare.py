@@ -88,7 +88,9 @@ class Comparison:
     def summary(self) -> str:
         first = self.first_divergence
         lines = []
-        if first is None:
+        if not self.diffs:
+            lines.append("no probe could be compared")
+        elif first is None:
             lines.append(f"all {len(self.diffs)} compared probes agree within relative error {self.tol:g}")
         else:
             where = "outside the layers" if first.layer is None else f"layer {first.layer}"

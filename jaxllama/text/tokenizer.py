@@ -106,6 +106,20 @@ _BYTE_TO_CHAR = _bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
+def _utf8(text: str) -> bytes:
+    """A token text's bytes, including invalid UTF-8 kept as surrogate escapes by the GGUF reader."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _is_valid_text(text: str) -> bool:
+    """False for a token text holding invalid UTF-8: no valid input can produce it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bpe_piece(text: str) -> bytes:
     """A NORMAL byte-level BPE token's bytes (llama.cpp's `llama_decode_text`)."""
     out = bytearray()
@@ -114,7 +128,7 @@ def _bpe_piece(text: str) -> bytes:
         if b is not None:
             out.append(b)
         else:  # not in the byte alphabet: llama.cpp writes a marker naming it
-            out += b"[UNK_BYTE_0x" + ch.encode("utf-8").hex().encode() + text.encode("utf-8") + b"]"
+            out += b"[UNK_BYTE_0x" + _utf8(ch).hex().encode() + _utf8(text) + b"]"
     return bytes(out)
 
 
@@ -254,7 +268,7 @@ class Tokenizer:
 
         # special tokens, longest text (in bytes) first, as llama.cpp's cache_special_tokens
         special = [i for i, a in enumerate(attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)]
-        special.sort(key=lambda i: -len(self.tokens[i].encode("utf-8")))
+        special.sort(key=lambda i: -len(_utf8(self.tokens[i])))
         self._special = special
 
         model_name = str(md.get("general.name", "")).lower()
@@ -281,10 +295,10 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
 
-        vocab = self.token_to_id
+        vocab = self._engine_vocab
         if self.is_spm:
             byte_ok = all(f"<0x{b:02X}>" in vocab for b in range(256))
-            unk = self.tokens[self.unk_id] if self.unk_id is not None else None
+            unk = self.tokens[self.unk_id] if self.unk_id is not None and self.tokens[self.unk_id] in vocab else None
             bpe = models.BPE(vocab=vocab, merges=self._spm_merges(), unk_token=unk, byte_fallback=byte_ok)
             return HFTokenizer(bpe)
         assert self.pre is not None
@@ -306,12 +320,19 @@ class Tokenizer:
         )
         return tok
 
+    @cached_property
+    def _engine_vocab(self) -> dict[str, int]:
+        """The vocabulary the merging engine sees: entries of invalid UTF-8 are left out (the
+        engine takes only valid text, and no valid input can produce them); they keep their
+        ids and bytes for decoding."""
+        return {t: i for t, i in self.token_to_id.items() if _is_valid_text(t)}
+
     def _spm_merges(self) -> list[tuple[str, str]]:
         """SentencePiece merges as BPE ranks: every split of a token into two tokens, ranked by
         the merged token's score (llama.cpp merges the highest-scoring pair first)."""
-        vocab, scores = self.token_to_id, self.scores
+        vocab, scores = self._engine_vocab, self.scores
         ranked: list[tuple[float, int, int, str, str]] = []
-        for tid, text in enumerate(self.tokens):
+        for text, tid in vocab.items():
             for k in range(1, len(text)):
                 a, b = text[:k], text[k:]
                 ia, ib = vocab.get(a), vocab.get(b)
@@ -439,9 +460,9 @@ class Tokenizer:
         out = []
         for text, attr in zip(self.tokens, self._attrs):
             if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
-                out.append(text.encode("utf-8"))
+                out.append(_utf8(text))
             elif attr & ATTR_NORMAL:
-                out.append(text.replace(_SPM_SPACE, " ").encode("utf-8") if self.is_spm else _bpe_piece(text))
+                out.append(_utf8(text.replace(_SPM_SPACE, " ")) if self.is_spm else _bpe_piece(text))
             elif attr & ATTR_BYTE:
                 out.append(bytes([int(text[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else b"")
             else:  # unused / undefined tokens render as nothing

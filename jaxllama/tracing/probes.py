@@ -114,33 +114,52 @@ def validate(spec: ProbeSpec, c: LlamaConfig) -> ProbeSpec:
 
 
 def _plain_partials(x: jax.Array) -> tuple[jax.Array, ...]:
+    """Per position: a shift c (the first element), sum and sum of squares of x - c, min, max.
+
+    Shifting by a value of the row keeps the sums on the scale of the spread, so the variance
+    does not cancel when |mean| >> spread (E[x^2] - E[x]^2 in float32 would).
+    """
+    c = x[..., 0]
+    d = x - c[..., None]
     zero = jnp.zeros(x.shape[:-1], jnp.float32)
-    return jnp.sum(x, -1), jnp.sum(x * x, -1), jnp.min(x, -1), jnp.max(x, -1), zero, zero
+    return c, jnp.sum(d, -1), jnp.sum(d * d, -1), jnp.min(x, -1), jnp.max(x, -1), zero, zero
 
 
 def _masked_partials(x: jax.Array) -> tuple[jax.Array, ...]:
+    """`_plain_partials` over the finite values only, plus NaN and Inf counts."""
     finite = jnp.isfinite(x)
-    xf = jnp.where(finite, x, 0.0)
+    c = jnp.where(finite[..., 0], x[..., 0], 0.0)
+    d = jnp.where(finite, x - c[..., None], 0.0)
     lo = jnp.min(jnp.where(finite, x, jnp.inf), -1)
     hi = jnp.max(jnp.where(finite, x, -jnp.inf), -1)
     nan = jnp.sum(jnp.isnan(x).astype(jnp.float32), -1)
     inf = jnp.sum(jnp.isinf(x).astype(jnp.float32), -1)
-    return jnp.sum(xf, -1), jnp.sum(xf * xf, -1), lo, hi, nan, inf
+    return c, jnp.sum(d, -1), jnp.sum(d * d, -1), lo, hi, nan, inf
 
 
 def _finish(parts: tuple[jax.Array, ...], width: int, valid: jax.Array, per_position: bool) -> jax.Array:
-    s1, s2, lo, hi, nan, inf = parts
+    """Statistics from per-position partials; per row, positions are merged with Chan's formula
+    in coordinates shifted by the row's first valid shift (again so nothing cancels)."""
+    c, s1, s2, lo, hi, nan, inf = parts
     count = width - nan - inf
+    n = jnp.maximum(count, 1.0)
+    u = s1 / n  # the position's mean minus its shift c
+    m2 = jnp.maximum(s2 - s1 * u, 0.0)  # sum of squared deviations from the position's mean
     if not per_position:
-        w = valid.astype(jnp.float32)
-        s1, s2, count, nan, inf = (jnp.sum(a * w, axis=1) for a in (s1, s2, count, nan, inf))
+        first = jnp.argmax(valid, axis=1)[:, None]
+        c_row = jnp.take_along_axis(c, first, axis=1)
+        u = (c - c_row) + u  # position means relative to one shift per row
+        w = valid * count
+        total = jnp.maximum(jnp.sum(w, axis=1), 1.0)
+        u_row = jnp.sum(w * u, axis=1) / total
+        m2 = jnp.sum(valid * (m2 + count * jnp.square(u - u_row[:, None])), axis=1)
+        c, u, n = c_row[:, 0], u_row, total
+        nan, inf = (jnp.sum(a * valid, axis=1) for a in (nan, inf))
         lo = jnp.min(jnp.where(valid, lo, jnp.inf), axis=1)
         hi = jnp.max(jnp.where(valid, hi, -jnp.inf), axis=1)
-    n = jnp.maximum(count, 1.0)
-    mean, mean_sq = s1 / n, s2 / n
-    std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0))
+    mean, var = c + u, m2 / n
     absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return jnp.stack([jnp.sqrt(mean_sq), mean, std, lo, hi, absmax, nan, inf], axis=-1)
+    return jnp.stack([jnp.sqrt(var + mean * mean), mean, jnp.sqrt(var), lo, hi, absmax, nan, inf], axis=-1)
 
 
 def statistics_of(xs: dict[str, jax.Array], valid: jax.Array, per_position: bool) -> dict[str, jax.Array]:
@@ -156,7 +175,7 @@ def statistics_of(xs: dict[str, jax.Array], valid: jax.Array, per_position: bool
     plain = {k: _plain_partials(x) for k, x in flat.items()}
     # A NaN or Inf anywhere makes its sum of squares non-finite (so may an overflow, which
     # merely takes the exact masked path): one check per group, no extra pass over the data.
-    suspect = ~jnp.all(jnp.stack([jnp.isfinite(jnp.sum(p[1])) for p in plain.values()]))
+    suspect = ~jnp.all(jnp.stack([jnp.isfinite(jnp.sum(p[2])) for p in plain.values()]))
     parts = jax.lax.cond(
         suspect, lambda d, _: {k: _masked_partials(x) for k, x in d.items()}, lambda d, p: p, flat, plain
     )
@@ -240,14 +259,20 @@ def store_captures(bufs: dict[str, jax.Array], seen: dict[str, jax.Array], slot:
 
 
 def emit_stats(
-    spec: ProbeSpec, layer: jax.Array, seen: dict[str, jax.Array], valid: jax.Array, family: dict[str, str]
+    spec: ProbeSpec,
+    layer: jax.Array,
+    seen: dict[str, jax.Array],
+    valid: jax.Array,
+    family: dict[str, str],
+    positions: jax.Array,
 ) -> None:
-    """One `jax.debug.callback` carrying the statistics of every selected probe of `family`."""
+    """One `jax.debug.callback` carrying the statistics of every selected probe of `family`,
+    with the positions `[B, T]` and validity `[B, T]` of the tokens they describe."""
     names = [n for n in spec.stats if n in family and n in seen]
     if not names:
         return
     stats = statistics_of({n: seen[n] for n in names}, valid, spec.per_position)
-    jax.debug.callback(_deliver, layer, stats)
+    jax.debug.callback(_deliver, layer, stats, positions, valid)
 
 
 # ---- on the host ---------------------------------------------------------------------------
@@ -289,8 +314,8 @@ class _Receivers:
 RECEIVERS = _Receivers()
 
 
-def _deliver(layer: np.ndarray, stats: dict[str, np.ndarray]) -> None:
+def _deliver(layer: np.ndarray, stats: dict[str, np.ndarray], positions: np.ndarray, valid: np.ndarray) -> None:
     """Host side of the callback: hand the numbers to the innermost active receiver, if any."""
     receiver = RECEIVERS.innermost()
     if receiver is not None:
-        receiver(int(layer), {k: np.asarray(v) for k, v in stats.items()})
+        receiver(int(layer), {k: np.asarray(v) for k, v in stats.items()}, np.asarray(positions), np.asarray(valid))

@@ -46,8 +46,9 @@ class Recorder:
     """Collects statistics records (and captured activations) of traced forward calls.
 
     Each record is a dict: `call` (index of the forward call), `layer` (None for global
-    probes), `probe`, `row` (batch row), `position` (with per_position), and the statistics
-    `rms mean std min max absmax nan inf`.
+    probes), `probe`, `row` (batch row), `position` (with per_position, and for every record of
+    a decode step, which describes one token), `step` (in a generation: 0 for the prompt, k for
+    the k-th decode step) and the statistics `rms mean std min max absmax nan inf`.
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class Recorder:
         self.records: list[dict[str, Any]] = []
         self.captured: list[dict[str, np.ndarray]] = []  # per call
         self._call = -1
-        self._valid: np.ndarray | None = None
+        self._prompt_lengths: np.ndarray | None = None  # per row, while a generation is recorded
         self._kept_layers: tuple[int, ...] = ()
 
     # --- used by Model -------------------------------------------------------------------
@@ -83,32 +84,37 @@ class Recorder:
         self._kept_layers = tuple(range(c.n_layer)) if self.capture_layers is None else tuple(sorted(set(self.capture_layers)))
         return self.spec
 
-    def begin_call(self, valid: np.ndarray) -> None:
+    def begin_call(self, prompt_lengths: Sequence[int] | None = None) -> None:
+        """A forward call starts; for a generation, `prompt_lengths` per row (records get a `step`)."""
         self._call += 1
-        self._valid = np.asarray(valid, bool)
+        self._prompt_lengths = None if prompt_lengths is None else np.asarray(prompt_lengths)
 
-    def end_call(self, captures: dict[str, Any]) -> None:
+    def end_call(self, captures: dict[str, Any] | None = None) -> None:
         jax.effects_barrier()
-        self.captured.append({k: np.asarray(v) for k, v in captures.items()})
+        self.captured.append({k: np.asarray(v) for k, v in (captures or {}).items()})
+        self._prompt_lengths = None
 
-    def __call__(self, layer: int, stats: dict[str, np.ndarray]) -> None:
+    def __call__(self, layer: int, stats: dict[str, np.ndarray], positions: np.ndarray, valid: np.ndarray) -> None:
         """Receive one callback's statistics (runs on the host, in a JAX runtime thread)."""
         lay = None if layer < 0 else layer
         if lay is not None and self.layers is not None and lay not in self.layers:
             return
+        one_token = positions.shape[1] == 1  # a decode step: every record is one token's
         for probe, values in stats.items():
             for row in range(values.shape[0]):
                 if self.spec.per_position:
-                    for pos in range(values.shape[1]):
-                        if self._valid is None or self._valid[row, pos]:
-                            self._add(lay, probe, row, pos, values[row, pos])
-                else:
-                    self._add(lay, probe, row, None, values[row])
+                    for t in range(values.shape[1]):
+                        if valid[row, t]:
+                            self._add(lay, probe, row, int(positions[row, t]), values[row, t])
+                elif valid[row].any():
+                    self._add(lay, probe, row, int(positions[row, 0]) if one_token else None, values[row])
 
     def _add(self, layer: int | None, probe: str, row: int, pos: int | None, v: np.ndarray) -> None:
         rec: dict[str, Any] = {"call": self._call, "layer": layer, "probe": probe, "row": row}
         if pos is not None:
             rec["position"] = pos
+        if self._prompt_lengths is not None:  # 0: the prompt; k: the k-th decode step
+            rec["step"] = 0 if pos is None or pos < self._prompt_lengths[row] else int(pos - self._prompt_lengths[row] + 1)
         rec.update({k: float(x) for k, x in zip(STAT_NAMES, v)})
         self.records.append(rec)
 
