@@ -64,19 +64,26 @@ def tiny_gguf(tiny_factory) -> Path:
 
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # as PyPI serves it
 
 
 @pytest.fixture(scope="session")
 def llamacpp_vocab_dir() -> Path:
     """llama.cpp's tokenizer test vocabularies (`ggml-vocab-*.gguf` with `.inp`/`.out`), taken
-    from the llama-cpp-python sdist: fetched once with pip into the jaxllama cache, and only
-    `vendor/llama.cpp/models/ggml-vocab-*` extracted."""
+    from the llama-cpp-python sdist: fetched once with pip into the jaxllama cache, hash-checked,
+    and only `vendor/llama.cpp/models/ggml-vocab-*` extracted."""
+    from jaxllama.gguf.default_model import cache_dir
+
+    return llamacpp_vocabs(cache_dir() / "llama-cpp-python-sdist")
+
+
+def llamacpp_vocabs(root: Path) -> Path:
+    """The vocabularies under `root/models`, from the sdist in `root` (downloaded if absent)."""
     import subprocess
     import tarfile
 
-    from jaxllama.gguf.default_model import cache_dir
+    from jaxllama.gguf.default_model import sha256_file
 
-    root = cache_dir() / "llama-cpp-python-sdist"
     models = root / "models"
     done = models / ".complete"
     if done.exists():
@@ -88,6 +95,10 @@ def llamacpp_vocab_dir() -> Path:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         archives = sorted(root.glob("llama_cpp_python-0.3.36.tar.gz"))
         assert run.returncode == 0 and archives, f"pip download {LLAMA_CPP_SDIST} failed: {run.stderr[-2000:]}"
+    digest = sha256_file(archives[0])
+    if digest != LLAMA_CPP_SDIST_SHA256:
+        archives[0].unlink()
+        pytest.fail(f"{archives[0].name}: sha256 {digest}, expected {LLAMA_CPP_SDIST_SHA256}; removed it", pytrace=False)
     models.mkdir(exist_ok=True)
     with tarfile.open(archives[0], "r:gz") as tar:
         for member in tar:

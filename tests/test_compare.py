@@ -10,7 +10,7 @@ import pytest
 
 import jaxllama
 from jaxllama.tracing.interventions import swap_swiglu
-from jaxllama.reference import LlamaCpp
+from jaxllama.reference import LlamaCpp, capture
 from jaxllama.model import rope_angles
 from jaxllama.tracing.probes import Intervention, LAYER_PROBES
 from texts import TEXTS
@@ -73,8 +73,16 @@ def test_planted_rope_bug_is_found_at_layer_0(model_f32, tokens):
     result = jaxllama.compare(model_f32, tokens[:40], interventions=bugs)
     first = result.first_divergence
     assert (first.probe, first.layer) == ("Qcur", 0)
-    # position 0 has angle 0: its rows agree, so the bug is a RoPE bug, not a projection bug
     assert first.cosine < 0.999
+    # Position 0 has angle 0, so its row agrees and every later row does not: a RoPE bug, not a
+    # projection bug.
+    with jaxllama.trace(probes=[], capture=["Qcur"], capture_layers=[0], interventions=bugs) as rec:
+        model_f32.logits(tokens[:40])
+    ours = rec.activation("Qcur", 0)[0].reshape(40, -1)
+    tensors, _, _ = capture(model_f32.source, tokens[:40], keep=lambda n: n == "Qcur-0")
+    theirs = tensors["Qcur-0"].reshape(40, -1)
+    rel = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert rel[0] < 1e-5 and (rel[1:] > 1e-2).all(), rel
 
 
 def test_emulated_activation_quantization_closes_the_gap_on_q4_1(default_model, tokens):

@@ -133,7 +133,8 @@ def test_generate_cli_json(default_model):
     out = json.loads(done.stdout)
     prompt = default_model.tokenizer.encode("The capital of France is")
     assert out["tokens"] == generate(default_model, [prompt], 12).tokens[0]
-    assert out["text"] == default_model.tokenizer.decode([t for t in out["tokens"] if t not in (0, 2, 4)])
+    eog = default_model.tokenizer.eog_ids
+    assert out["text"] == default_model.tokenizer.decode([t for t in out["tokens"] if t not in eog])
     assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0
     assert out["seed"] == 0 and out["sampler"]["temperature"] == 0.0
     assert out["reproduce"]["model"]["sha256"] == default_model.sha256 and out["reproduce"]["tokens"] == prompt
@@ -173,12 +174,16 @@ def test_generate_cli_empty_prompt(tiny_gguf):
 
 
 def test_chat_cli_two_turns(default_model):
+    """Both replies, exactly: each is the greedy continuation of the conversation so far."""
+    tok = default_model.tokenizer
     done = run("chat", "--temperature", "0", "--max-new-tokens", "24", stdin="What is 2+2?\nAnd 3+3?\n")
     assert done.returncode == 0, done.stderr
-    replies = [l for l in done.stdout.splitlines() if l.strip()]
-    assert len(replies) >= 2
-    prompt = default_model.tokenizer.encode(
-        default_model.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]),
-        parse_special=True)
-    first = generate(default_model, [prompt], 24).tokens[0]
-    assert done.stdout.startswith(default_model.tokenizer.decode([t for t in first if t not in (0, 2, 4)]))
+    messages, want = [], []
+    for question in ("What is 2+2?", "And 3+3?"):
+        messages.append({"role": "user", "content": question})
+        prompt = tok.encode(tok.apply_chat_template(messages), parse_special=True)
+        ids = generate(default_model, [prompt], 24).tokens[0]
+        reply = tok.decode([t for t in ids if t not in tok.eog_ids])
+        messages.append({"role": "assistant", "content": reply})
+        want.append(reply + "\n")
+    assert done.stdout == "".join(want)

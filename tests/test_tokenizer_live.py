@@ -4,7 +4,6 @@ add_special/parse_special mode, detokenize, round trips, streaming, bad input, s
 from __future__ import annotations
 
 import ctypes
-import time
 from pathlib import Path
 
 import numpy as np
@@ -262,17 +261,12 @@ def test_model_carries_its_tokenizer(default_model, default_gguf):
     assert tok.eos_id == 2 and tok.bos_id == 1 and 2 in tok.eog_ids
 
 
-def test_one_megabyte_is_fast(pairs, llamacpp_vocab_dir):
+def test_one_megabyte_matches_llamacpp(pairs, llamacpp_vocab_dir):
+    """A large input, id for id (its speed is measured in tools/bench.py, not asserted here)."""
     base = (llamacpp_vocab_dir / "ggml-vocab-llama-spm.gguf.inp").read_text(encoding="utf-8") + "\n".join(CORPUS)
     text = (base * (1_000_000 // len(base) + 1))[:1_000_000]
     for which in ("default", "llama-spm"):
-        tok, _ = pairs[which]
-        tok.encode("warm up")
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            ids = tok.encode(text)
-            best = min(best, time.perf_counter() - t0)
-        print(f"\n{which}: 1,000,000 chars -> {len(ids)} tokens in {best:.3f} s")
+        tok, ref = pairs[which]
+        ids = tok.encode(text)
         assert len(ids) > 250_000
-        assert best < 1.0
+        assert ids == ref.tokenize(text.encode("utf-8"), add_bos=True, special=False)

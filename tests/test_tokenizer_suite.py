@@ -70,3 +70,14 @@ def test_llamacpp_vocab_suite(llamacpp_vocab_dir, name):
         if got != expected:
             bad.append((text, expected, got))
     assert not bad, f"{name}: {len(bad)}/{len(cases)} cases differ, first: {bad[0]!r}"
+
+
+def test_the_sdist_is_hash_checked(tmp_path):
+    """A tampered or different archive is refused (and removed), never unpacked."""
+    from conftest import llamacpp_vocabs
+
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    with pytest.raises(pytest.fail.Exception, match="sha256 .* expected 832db069"):
+        llamacpp_vocabs(tmp_path)
+    assert not fake.exists() and not (tmp_path / "models").exists()

@@ -6,7 +6,9 @@ fails fast with a `ChatTemplateError` instead of hanging or eating memory:
 
 - any access to an unsafe attribute (`__class__`, `__globals__`, `mro`, ...) raises at once
   (jinja's default would quietly render an empty string);
-- wall-clock limit: a trace function checks the deadline on every line the template executes;
+- a work limit (lines of template code executed) and a wall-clock limit, both checked by a trace
+  function on every line the template executes; the work limit makes an endless loop fail the
+  same way on a fast and a slow machine;
 - output limit on the rendered text, and a size check of the template's own variables;
 - operators and calls that could allocate huge objects in one C-level step (`'x' * n`,
   `n ** m`, `'%999999999d' % x`, `'a'.ljust(n)`, `|center(n)`, ...) are refused above a bound.
@@ -31,6 +33,7 @@ from typing import Any, NoReturn
 from ..errors import JaxLlamaError, InvalidInputError
 
 TIME_LIMIT_S = 2.0
+MAX_STEPS = 2_000_000  # lines of template code one render may execute (a chat turn takes thousands)
 MAX_OUTPUT_CHARS = 4_000_000
 MAX_INT_ARG = 1_000_000  # largest count/width a template may pass to a call or filter
 MAX_TEMPLATE_CHARS = 1_000_000
@@ -186,12 +189,18 @@ def _compile(template: str):
     return _environment().from_string(template)
 
 
-def _bounded(gen: Any, deadline: float) -> str:
-    """Drain the render generator under a deadline and an output limit."""
+def _bounded(gen: Any, deadline: float, max_steps: int) -> str:
+    """Drain the render generator under a work limit, a deadline and an output limit."""
+    steps = 0
+
     def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal steps
         if time.monotonic() > deadline:
             raise _Abort("timeout")
         if event == "line" and frame.f_code.co_filename == "<template>":  # the template's own code
+            steps += 1
+            if steps > max_steps:
+                raise _Abort(f"rendering executed more than {max_steps:,} template steps (endless loop?)")
             for v in list(frame.f_locals.values()):
                 _check_size(v, "a template variable")
         return tracer
@@ -217,6 +226,7 @@ def render_chat_template(
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool = True,
     time_limit_s: float = TIME_LIMIT_S,
+    max_steps: int = MAX_STEPS,
     **variables: Any,
 ) -> str:
     """Render `template` for `messages` in the sandbox; every failure is a `ChatTemplateError`."""
@@ -246,7 +256,7 @@ def render_chat_template(
     deadline = time.monotonic() + time_limit_s
     try:
         gen = tpl.generate(messages=list(messages), add_generation_prompt=bool(add_generation_prompt), **variables)
-        return _bounded(gen, deadline)
+        return _bounded(gen, deadline, max_steps)
     except ChatTemplateError:
         raise
     except _Abort as e:
