@@ -223,8 +223,8 @@ def _print_info(s: dict[str, Any]) -> None:
         ("chat template", "present" if t["chat_template"] else "absent"),
     ]
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    for k, v in rows:  # metadata may hold invalid UTF-8 (kept as surrogate escapes): show it replaced
+        print(f"{k:<{width}}  {v}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

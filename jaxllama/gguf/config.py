@@ -67,57 +67,11 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "LlamaConfig":
-        """Read the config of a `llama` GGUF; raise a typed error naming what is wrong."""
-        arch = f.metadata.get("general.architecture")
-        if arch is None:
-            raise GGUFFormatError(f"{f.path}: no general.architecture in metadata")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"{f.path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        if "token_embd.weight" not in f.tensors:
-            what = "a vocab-only GGUF (no tensors)" if not f.tensors else "missing tensor 'token_embd.weight'"
-            raise UnsupportedModelError(f"{f.path}: {what}; a model needs weights")
-
-        def get(key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-            full = f"{arch}.{key}"
-            v = f.metadata.get(full, default)
-            if v is None:
-                raise GGUFFormatError(f"{f.path}: missing metadata {full}")
-            if isinstance(v, bool) or not isinstance(v, kind):
-                raise UnsupportedModelError(f"{f.path}: metadata {full} = {_short(v)} is not a single {kind}")
-            return v
-
-        n_layer = get("block_count", int)
-        d_model = get("embedding_length", int)
-        n_head = get("attention.head_count", int)
-        n_head_kv = get("attention.head_count_kv", int, n_head)
-        if min(n_layer, d_model, n_head, n_head_kv) <= 0 or n_head % n_head_kv:
-            raise UnsupportedModelError(
-                f"{f.path}: invalid sizes: {n_layer} layers, width {d_model}, {n_head} heads, {n_head_kv} KV heads"
-            )
-        if n_layer * 9 > len(f.tensors):
-            raise UnsupportedModelError(
-                f"{f.path}: {arch}.block_count is {n_layer} but the file has only {len(f.tensors)} tensors"
-            )
-        head_dim = get("attention.key_length", int, d_model // n_head)
-        if head_dim <= 0:
-            raise UnsupportedModelError(f"{f.path}: head size {head_dim} from {n_head} heads of width {d_model}")
-        if get("attention.value_length", int, head_dim) != head_dim:
-            raise UnsupportedModelError(f"{f.path}: key and value head sizes differ")
-        rope_dim = get("rope.dimension_count", int, head_dim)
-        if not 0 < rope_dim <= head_dim or rope_dim % 2:
-            raise UnsupportedModelError(f"{f.path}: rope.dimension_count {rope_dim} invalid for head size {head_dim}")
-        scaling = f.metadata.get(f"{arch}.rope.scaling.type", "none")
-        rope_scale = 1.0
-        if scaling == "linear":
-            rope_scale = float(get("rope.scaling.factor", (int, float)))
-            if not rope_scale > 0:
-                raise UnsupportedModelError(f"{f.path}: rope.scaling.factor {rope_scale} must be > 0")
-        elif scaling != "none":
-            raise UnsupportedModelError(f"{f.path}: unsupported rope scaling type {scaling!r} (supported: none, linear)")
-
-        embd = f.tensors["token_embd.weight"]
+        """Read the config of a supported GGUF; raise a typed error naming what is wrong."""
+        arch = _architecture(f)
+        get = _MetadataReader(f, arch)
+        n_layer, d_model, n_head, n_head_kv, head_dim = _sizes(f, get)
+        rope_dim, rope_scale = _rope(f, get, head_dim)
         context_length = get("context_length", int)
         if context_length <= 0:
             raise UnsupportedModelError(f"{f.path}: {arch}.context_length is {context_length}")
@@ -133,10 +87,79 @@ class LlamaConfig:
             rope_scale=rope_scale,
             has_rope_freqs="rope_freqs.weight" in f.tensors,
             rms_eps=float(get("attention.layer_norm_rms_epsilon", (int, float), 1e-5)),
-            vocab_size=embd.shape[0],
+            vocab_size=f.tensors["token_embd.weight"].shape[0],
             context_length=context_length,
             tied_output="output.weight" not in f.tensors,
         )
+
+
+def _architecture(f: GGUFFile) -> str:
+    """The file's architecture, if supported and the file has weights."""
+    arch = f.metadata.get("general.architecture")
+    if arch is None:
+        raise GGUFFormatError(f"{f.path}: no general.architecture in metadata")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{f.path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if "token_embd.weight" not in f.tensors:
+        what = "a vocab-only GGUF (no tensors)" if not f.tensors else "missing tensor 'token_embd.weight'"
+        raise UnsupportedModelError(f"{f.path}: {what}; a model needs weights")
+    return arch
+
+
+class _MetadataReader:
+    """`get(key, kind, default)`: the value of `{arch}.{key}`, type-checked, with one-line errors."""
+
+    def __init__(self, f: GGUFFile, arch: str):
+        self.f, self.arch = f, arch
+
+    def __call__(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        full = f"{self.arch}.{key}"
+        v = self.f.metadata.get(full, default)
+        if v is None:
+            raise GGUFFormatError(f"{self.f.path}: missing metadata {full}")
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise UnsupportedModelError(f"{self.f.path}: metadata {full} = {_short(v)} is not a single {kind}")
+        return v
+
+
+def _sizes(f: GGUFFile, get: _MetadataReader) -> tuple[int, int, int, int, int]:
+    """Layers, width, query heads, KV heads and head size, checked for consistency."""
+    n_layer = get("block_count", int)
+    d_model = get("embedding_length", int)
+    n_head = get("attention.head_count", int)
+    n_head_kv = get("attention.head_count_kv", int, n_head)
+    if min(n_layer, d_model, n_head, n_head_kv) <= 0 or n_head % n_head_kv:
+        raise UnsupportedModelError(
+            f"{f.path}: invalid sizes: {n_layer} layers, width {d_model}, {n_head} heads, {n_head_kv} KV heads"
+        )
+    if n_layer * 9 > len(f.tensors):
+        raise UnsupportedModelError(
+            f"{f.path}: {get.arch}.block_count is {n_layer} but the file has only {len(f.tensors)} tensors"
+        )
+    head_dim = get("attention.key_length", int, d_model // n_head)
+    if head_dim <= 0:
+        raise UnsupportedModelError(f"{f.path}: head size {head_dim} from {n_head} heads of width {d_model}")
+    if get("attention.value_length", int, head_dim) != head_dim:
+        raise UnsupportedModelError(f"{f.path}: key and value head sizes differ")
+    return n_layer, d_model, n_head, n_head_kv, head_dim
+
+
+def _rope(f: GGUFFile, get: _MetadataReader, head_dim: int) -> tuple[int, float]:
+    """Rotated dims per head and the linear position scale (1 without scaling)."""
+    rope_dim = get("rope.dimension_count", int, head_dim)
+    if not 0 < rope_dim <= head_dim or rope_dim % 2:
+        raise UnsupportedModelError(f"{f.path}: rope.dimension_count {rope_dim} invalid for head size {head_dim}")
+    scaling = f.metadata.get(f"{get.arch}.rope.scaling.type", "none")
+    if scaling == "none":
+        return rope_dim, 1.0
+    if scaling != "linear":
+        raise UnsupportedModelError(f"{f.path}: unsupported rope scaling type {scaling!r} (supported: none, linear)")
+    rope_scale = float(get("rope.scaling.factor", (int, float)))
+    if not rope_scale > 0:
+        raise UnsupportedModelError(f"{f.path}: rope.scaling.factor {rope_scale} must be > 0")
+    return rope_dim, rope_scale
 
 
 def _short(v: Any) -> str:

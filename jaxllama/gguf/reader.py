@@ -135,16 +135,14 @@ class _Cursor:
         raise self.fail(f"{what}: unknown value type {vtype}")
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF file's header and map its tensor data. Raises `GGUFFormatError`."""
-    path = Path(path)
+def _map(path: Path) -> np.ndarray:
+    """A read-only uint8 memory map of the file, or a `GGUFFormatError` saying why not."""
     try:
-        size = path.stat().st_size
         if path.is_dir():
             raise GGUFFormatError(f"{path}: is a directory, not a GGUF file")
-        if size == 0:
+        if path.stat().st_size == 0:
             raise GGUFFormatError(f"{path}: empty file, not a GGUF file")
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        return np.memmap(path, dtype=np.uint8, mode="r")
     except FileNotFoundError:
         raise GGUFFormatError(f"{path}: no such file") from None
     except PermissionError:
@@ -152,21 +150,26 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     except OSError as e:
         raise GGUFFormatError(f"{path}: cannot read file ({e.strerror or e})") from None
 
-    cur = _Cursor(memoryview(data), path)
+
+def _read_preamble(cur: _Cursor) -> tuple[int, int, int]:
+    """Magic, version, tensor count and metadata count; absurd counts are refused early."""
     cur.need(4, "magic")
     if bytes(cur.buf[:4]) != GGUF_MAGIC:
-        raise GGUFFormatError(f"{path}: not a GGUF file (magic {bytes(cur.buf[:4])!r}, expected b'GGUF')")
+        raise GGUFFormatError(f"{cur.path}: not a GGUF file (magic {bytes(cur.buf[:4])!r}, expected b'GGUF')")
     cur.pos = 4
     version = cur.unpack("<I", "version")
     if version not in (2, 3):
         hint = " (big-endian files are not supported)" if version > 0xFFFF else ""
-        raise GGUFFormatError(f"{path}: unsupported GGUF version {version}{hint}")
+        raise GGUFFormatError(f"{cur.path}: unsupported GGUF version {version}{hint}")
     n_tensors = cur.unpack("<Q", "tensor count")
     n_kv = cur.unpack("<Q", "metadata count")
-    # Every KV pair takes >= 12 bytes, every tensor entry >= 24: reject absurd counts early.
-    if n_kv * 12 + n_tensors * 24 > size:
+    # Every KV pair takes >= 12 bytes, every tensor entry >= 24.
+    if n_kv * 12 + n_tensors * 24 > len(cur.buf):
         raise cur.fail(f"corrupt GGUF header: {n_kv} metadata entries and {n_tensors} tensors cannot fit")
+    return version, n_tensors, n_kv
 
+
+def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string("metadata key")
@@ -174,44 +177,58 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if key in metadata:
             raise cur.fail(f"duplicate metadata key {key!r}")
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
+    return metadata
 
+
+def _read_tensor_entry(cur: _Cursor, alignment: int) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]:
+    """One tensor header entry: name, numpy-order shape, type, offset in the data section, size."""
+    name = cur.string("tensor name")
+    n_dims = cur.unpack("<I", f"dimension count of tensor {name!r}")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+    ne = [cur.unpack("<Q", f"shape of tensor {name!r}") for _ in range(n_dims)]
+    type_id = cur.unpack("<I", f"type of tensor {name!r}")
+    rel = cur.unpack("<Q", f"data offset of tensor {name!r}")
+    try:
+        ggml_type = GGMLQuantizationType(type_id)
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+    except (ValueError, KeyError):
+        raise cur.fail(f"tensor {name!r} has unknown tensor type {type_id}") from None
+    if any(d <= 0 for d in ne) or ne[0] % block:
+        raise cur.fail(f"tensor {name!r} has invalid shape {ne} for type {ggml_type.name}")
+    if rel % alignment:
+        raise cur.fail(f"tensor {name!r} data offset {rel} is not aligned to {alignment}")
+    nbytes = math.prod(ne[1:]) * (ne[0] // block) * type_size
+    return name, tuple(reversed(ne)), ggml_type, rel, nbytes
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse a GGUF file's header and map its tensor data. Raises `GGUFFormatError`."""
+    path = Path(path)
+    data = _map(path)
+    size = len(data)
+    cur = _Cursor(memoryview(data), path)
+    version, n_tensors, n_kv = _read_preamble(cur)
+    metadata = _read_metadata(cur, n_kv)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"{path}: invalid general.alignment {alignment!r}")
 
-    infos: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]] = []
-    seen: set[str] = set()
+    entries, seen = [], set()
     for _ in range(n_tensors):
-        name = cur.string("tensor name")
-        n_dims = cur.unpack("<I", f"dimension count of tensor {name!r}")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
-        ne = [cur.unpack("<Q", f"shape of tensor {name!r}") for _ in range(n_dims)]
-        type_id = cur.unpack("<I", f"type of tensor {name!r}")
-        rel = cur.unpack("<Q", f"data offset of tensor {name!r}")
-        try:
-            ggml_type = GGMLQuantizationType(type_id)
-            block, type_size = GGML_QUANT_SIZES[ggml_type]
-        except (ValueError, KeyError):
-            raise cur.fail(f"tensor {name!r} has unknown tensor type {type_id}") from None
-        if any(d <= 0 for d in ne) or ne[0] % block:
-            raise cur.fail(f"tensor {name!r} has invalid shape {ne} for type {ggml_type.name}")
-        nbytes = math.prod(ne[1:]) * (ne[0] // block) * type_size
-        if rel % alignment:
-            raise cur.fail(f"tensor {name!r} data offset {rel} is not aligned to {alignment}")
-        if name in seen:
-            raise cur.fail(f"duplicate tensor name {name!r}")
-        seen.add(name)
-        infos.append((name, tuple(reversed(ne)), ggml_type, rel, nbytes))
+        entry = _read_tensor_entry(cur, alignment)
+        if entry[0] in seen:
+            raise cur.fail(f"duplicate tensor name {entry[0]!r}")
+        seen.add(entry[0])
+        entries.append(entry)
 
-    data_start = -(-cur.pos // alignment) * alignment if infos else cur.pos
+    data_start = -(-cur.pos // alignment) * alignment if entries else cur.pos
     tensors: dict[str, TensorInfo] = {}
-    for name, shape, ggml_type, rel, nbytes in infos:
+    for name, shape, ggml_type, rel, nbytes in entries:
         start = data_start + rel
         if start + nbytes > size:
             raise GGUFFormatError(
-                f"{path}: truncated GGUF: tensor {name!r} needs bytes {start}..{start + nbytes}, "
-                f"file has {size}"
+                f"{path}: truncated GGUF: tensor {name!r} needs bytes {start}..{start + nbytes}, file has {size}"
             )
         tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
     return GGUFFile(path, version, metadata, tensors, data)
