@@ -22,8 +22,6 @@ from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
 from .gguf.convert import Params
 from .tracing.probes import (
-    GLOBAL_PROBES,
-    LAYER_PROBES,
     ProbeSpec,
     capture_slots,
     emit_stats,
@@ -57,14 +55,23 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return x * lax.rsqrt(mean_sq + eps) * scale.astype(jnp.float32)
 
 
-def rope_angles(positions: jax.Array, c: LlamaConfig, freq_factors: jax.Array | None) -> jax.Array:
+def rope_angles(
+    positions: jax.Array,
+    c: LlamaConfig,
+    freq_factors: jax.Array | None,
+    base: float | None = None,
+    scale: float | None = None,
+) -> jax.Array:
     """Angles `[..., rope_dim // 2]` for integer `positions`, computed as ggml does.
 
     ggml starts from theta = position and multiplies by base^(-2/rope_dim) once per pair
     (a float32 recurrence, not a power per pair); `rope_freqs` divides each theta and
-    linear scaling multiplies it by 1 / factor.
+    linear scaling multiplies it by 1 / factor. `base`/`scale` default to the config's
+    (sliding-window layers pass their own).
     """
-    step = np.float32(np.float32(c.rope_base) ** np.float32(-2.0 / c.rope_dim))
+    base = c.rope_base if base is None else base
+    scale = c.rope_scale if scale is None else scale
+    step = np.float32(np.float32(base) ** np.float32(-2.0 / c.rope_dim))
     theta = positions.astype(jnp.float32)
     cols = []
     for _ in range(c.rope_dim // 2):
@@ -73,19 +80,34 @@ def rope_angles(positions: jax.Array, c: LlamaConfig, freq_factors: jax.Array | 
     angles = jnp.stack(cols, axis=-1)
     if freq_factors is not None:
         angles = angles / freq_factors.astype(jnp.float32)
-    if c.rope_scale != 1.0:
-        angles = np.float32(1.0 / c.rope_scale) * angles
+    if scale != 1.0:
+        angles = np.float32(1.0 / scale) * angles
     return angles
 
 
-def apply_rope(x: jax.Array, angles: jax.Array, rope_dim: int) -> jax.Array:
-    """Rotate adjacent pairs of the first `rope_dim` dims of x `[B, T, heads, head_dim]`."""
+def apply_rope(x: jax.Array, angles: jax.Array, rope_dim: int, neox: bool = False) -> jax.Array:
+    """Rotate the first `rope_dim` dims of x `[B, T, heads, head_dim]` by `angles` `[B, T, rope_dim/2]`.
+
+    Pair i is (x[2i], x[2i+1]) (llama.cpp's "normal" RoPE, Llama GGUFs) or, with `neox`,
+    (x[i], x[i + rope_dim/2]) (Qwen, Gemma).
+    """
     rot, rest = x[..., :rope_dim], x[..., rope_dim:]
-    pairs = rot.reshape(*rot.shape[:-1], rope_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
+    half = rope_dim // 2
+    if neox:
+        x0, x1 = rot[..., :half], rot[..., half:]
+    else:
+        pairs = rot.reshape(*rot.shape[:-1], half, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(rot.shape)
+    y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    out = jnp.concatenate([y0, y1], axis=-1) if neox else jnp.stack([y0, y1], axis=-1).reshape(rot.shape)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation, as ggml_gelu_f32: 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))."""
+    inner = np.float32(0.7978845608028654) * x * (1.0 + np.float32(0.044715) * x * x)
+    return 0.5 * x * (1.0 + jnp.tanh(inner))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, c: LlamaConfig) -> jax.Array:
@@ -93,7 +115,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, c: Llam
     b, t = q.shape[:2]
     q = q.reshape(b, t, c.n_head_kv, c.n_group, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=lax.Precision.HIGHEST)
-    scores = scores * np.float32(1.0 / np.sqrt(c.head_dim))
+    scores = scores * np.float32(c.query_scale)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
@@ -132,11 +154,19 @@ def block(
     def mm(name: str, h: jax.Array) -> jax.Array:
         return project(h, p[name], aq.get(name))
 
+    def heads(name: str, h: jax.Array, n: int) -> jax.Array:
+        return mm(name, h).reshape(b, t, n, c.head_dim)
+
+    def rope(name: str, y: jax.Array) -> jax.Array:
+        if c.qk_norm:  # per-head RMSNorm before RoPE (Qwen3, Gemma 3)
+            y = tap(f"{name}_normed", rms_norm(y, p[f"attn_{name[0].lower()}_norm"]["scale"], c.rms_eps))
+        return tap(name, apply_rope(y, angles, c.rope_dim, c.rope_neox))
+
     b, t, _ = x.shape
     h = tap("attn_norm", rms_norm(x, p["attn_norm"]["scale"], c.rms_eps))
-    q = tap("Qcur", apply_rope(mm("attn_q", h).reshape(b, t, c.n_head, c.head_dim), angles, c.rope_dim))
-    k = tap("Kcur", apply_rope(mm("attn_k", h).reshape(b, t, c.n_head_kv, c.head_dim), angles, c.rope_dim))
-    v = tap("Vcur", mm("attn_v", h).reshape(b, t, c.n_head_kv, c.head_dim))
+    q = rope("Qcur", heads("attn_q", h, c.n_head))
+    k = rope("Kcur", heads("attn_k", h, c.n_head_kv))
+    v = tap("Vcur", heads("attn_v", h, c.n_head_kv))
     cache = None
     if kv is not None:
         ck, cv, start = kv
@@ -146,16 +176,29 @@ def block(
         )
         k, v = cache
     a = tap("kqv_out", attention(q, k, v, mask, c))
-    x = tap("ffn_inp", x + tap("attn_out", mm("attn_output", a)))
+    o = mm("attn_output", a)
+    if c.post_norms:  # Gemma's sandwich: normalise the branch before the residual add
+        x = tap("sa_out", x + tap("attn_post_norm", rms_norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
+    else:
+        x = tap("ffn_inp", x + tap("attn_out", o))
     h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
     gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
-    s = tap("ffn_swiglu", jax.nn.silu(gate) * up)
-    return tap("l_out", x + tap("ffn_out", mm("ffn_down", s))), cache
+    if c.activation == "gelu_tanh":
+        g = tap("ffn_geglu", gelu_tanh(gate) * up)
+    else:
+        g = tap("ffn_swiglu", jax.nn.silu(gate) * up)
+    f = tap("ffn_out", mm("ffn_down", g))
+    if c.post_norms:
+        f = tap("ffn_post_norm", rms_norm(f, p["post_ffw_norm"]["scale"], c.rms_eps))
+    return tap("l_out", x + f), cache
 
 
-def embed(p: Params, tokens: jax.Array) -> jax.Array:
-    """Token embeddings `[B, T, D]` in float32."""
-    return jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32)
+def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> jax.Array:
+    """Token embeddings `[B, T, D]` in float32 (times `embed_scale`, sqrt(d_model) for Gemma)."""
+    x = tap("inp_embd", jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32))
+    if c.embed_scale != 1.0:
+        x = tap("inp_scaled", x * np.float32(c.embed_scale))
+    return x
 
 
 def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
@@ -176,6 +219,8 @@ def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:
     out = dense(fake_quant(x, act_kind), leaf["kernel"])
     if act_kind == "q8_1" and "mins" in leaf:
         out = out + dense(q8_1_sum_correction(x), leaf["mins"])
+    if "bias" in leaf:
+        out = out + leaf["bias"]
     return out
 
 
@@ -193,6 +238,30 @@ def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.
     valid = valid.astype(bool)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     return positions, causal & valid[:, None, :]
+
+
+Attn = tuple[jax.Array, jax.Array]  # (RoPE angles [B, T, rope_dim/2], mask [B, T, S]) of one layer kind
+
+
+def layer_kinds(c: LlamaConfig, positions: jax.Array, key_positions: jax.Array, mask: jax.Array,
+                freq_factors: jax.Array | None) -> tuple[Attn, Attn | None]:
+    """Angles and mask of global layers, and of sliding-window layers (None when no layer slides).
+
+    A sliding layer sees keys fewer than `sliding_window` positions back (llama.cpp masks
+    `q_pos - k_pos >= n_swa`) and rotates with its own RoPE base and scale.
+    """
+    glob = (rope_angles(positions, c, freq_factors), mask)
+    if not c.sliding_window or not any(c.swa_layers):
+        return glob, None
+    near = positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
+    return glob, (rope_angles(positions, c, freq_factors, c.rope_base_swa, c.rope_scale_swa), mask & near)
+
+
+def choose_kind(slides: jax.Array, glob: Attn, swa: Attn | None) -> Attn:
+    """This layer's angles and mask, picked by its traced flag (so one scan serves both kinds)."""
+    if swa is None:
+        return glob
+    return jnp.where(slides, swa[0], glob[0]), jnp.where(slides, swa[1], glob[1])
 
 
 def forward(
@@ -237,39 +306,40 @@ def forward_capture(
     positions, mask = positions_and_mask(tokens, valid)
     valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
-    angles = rope_angles(positions, c, freq_factors)
+    kinds = layer_kinds(c, positions, positions, mask, freq_factors)
 
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions)
-    x = gtap("inp_embd", embed(p, tokens))
+    x = embed(p, tokens, c, gtap)
 
     kept = capture_slots(spec, c)
     bufs = {
         name: jnp.zeros((sum(s >= 0 for s in kept), *probe_shape(name, c, *tokens.shape)), jnp.float32)
         for name in spec.capture
-        if name in LAYER_PROBES
+        if name in c.layer_probes
     }
     slot_table = jnp.asarray(kept, jnp.int32)
 
     def body(carry, xs):
         x, bufs = carry
-        lp, layer = xs
+        lp, layer, slides = xs
         seen: dict[str, jax.Array] = {}
-        x, _ = block(x, lp, angles, mask, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
-        emit_stats(spec, layer, seen, valid_rows, LAYER_PROBES, positions)
+        angles, m = choose_kind(slides, *kinds)
+        x, _ = block(x, lp, angles, m, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
+        emit_stats(spec, layer, seen, valid_rows, c.layer_probes, positions)
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
 
-    layer_ids = jnp.arange(c.n_layer, dtype=jnp.int32)
+    xs = (p["layers"], jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
     if scan_layers:
-        (x, bufs), _ = lax.scan(body, (x, bufs), (p["layers"], layer_ids))
+        (x, bufs), _ = lax.scan(body, (x, bufs), xs)
     else:
         for i in range(c.n_layer):
-            (x, bufs), _ = body((x, bufs), (jax.tree.map(lambda a: a[i], p["layers"]), layer_ids[i]))
+            (x, bufs), _ = body((x, bufs), jax.tree.map(lambda a: a[i], xs))
 
     logits = head(p, x, c, aq, gtap)
-    emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES, positions)
-    captures = {**bufs, **{n: glob[n] for n in spec.capture if n in GLOBAL_PROBES}}
+    emit_stats(spec, jnp.int32(-1), glob, valid_rows, c.global_probes, positions)
+    captures = {**bufs, **{n: glob[n] for n in spec.capture if n in c.global_probes}}
     return logits, captures
 
 
@@ -303,7 +373,7 @@ def forward_step(
     keys = jnp.arange(s)
     mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
-    angles = rope_angles(positions, c, freq_factors)
+    kinds = layer_kinds(c, positions, keys[None, :] - pad[:, None], mask, freq_factors)
     spec = probes or ProbeSpec()
     if spec.capture:
         raise InvalidInputError("capture is not supported in the cached decode step (generation); "
@@ -311,19 +381,20 @@ def forward_step(
     valid = slots[None, :] >= pad[:, None]
 
     def body(x, xs):
-        lp, ck, cv, layer = xs
+        lp, ck, cv, layer, slides = xs
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
-        x, (ck, cv) = block(x, lp, angles, mask, c, tap, aq, (ck, cv, start))
-        emit_stats(spec, layer, seen, valid, LAYER_PROBES, positions)
+        angles, m = choose_kind(slides, *kinds)
+        x, (ck, cv) = block(x, lp, angles, m, c, tap, aq, (ck, cv, start))
+        emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
         return x, (ck, cv)
 
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
-    layer_ids = jnp.arange(c.n_layer, dtype=jnp.int32)
-    x, (k, v) = lax.scan(body, gtap("inp_embd", embed(p, tokens)), (p["layers"], cache["k"], cache["v"], layer_ids))
+    xs = (p["layers"], cache["k"], cache["v"], jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
+    x, (k, v) = lax.scan(body, embed(p, tokens, c, gtap), xs)
     logits = head(p, x, c, aq, gtap)
-    emit_stats(spec, jnp.int32(-1), glob, valid, GLOBAL_PROBES, positions)
+    emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
     return logits, {"k": k, "v": v}
 
 

@@ -9,7 +9,7 @@ import jaxllama
 from jaxllama import InvalidInputError
 from jaxllama.tracing.interventions import patch, scale, swap_swiglu, zero
 from jaxllama.model import forward
-from jaxllama.tracing.probes import GLOBAL_PROBES, LAYER_PROBES, ORDER, STAT_NAMES, Intervention, ProbeSpec, statistics_numpy
+from jaxllama.tracing.probes import ORDER, STAT_NAMES, Intervention, ProbeSpec, statistics_numpy
 from tiny_models import TinySpec
 
 TOKENS = [3, 17, 5, 90, 44, 2, 8, 8, 61, 0, 33, 12]
@@ -29,7 +29,7 @@ def _close(ours: dict, ref: dict, rel=1e-5):
 def test_statistics_equal_numpy_on_captured_tensors(tiny):
     with jaxllama.trace(capture=ORDER) as rec:
         logits = tiny.logits(TOKENS)
-    assert len(rec.records) == len(LAYER_PROBES) * 3 + len(GLOBAL_PROBES)
+    assert len(rec.records) == len(tiny.config.layer_probes) * 3 + len(tiny.config.global_probes) == 13 * 3 + 3
     for r in rec.records:
         _close(r, statistics_numpy(rec.activation(r["probe"], r["layer"])[0]))
     np.testing.assert_array_equal(rec.activation("result_output")[0], logits)
@@ -90,7 +90,7 @@ def test_padded_rows_have_the_statistics_of_single_rows(tiny):
 
 
 def test_unknown_probe_or_layer_lists_the_valid_ones(tiny):
-    with pytest.raises(InvalidInputError, match="unknown probe 'attn_nrom'; valid probes: inp_embd, attn_norm"):
+    with pytest.raises(InvalidInputError, match="unknown probe 'attn_nrom'; valid probes: inp_embd, inp_scaled, attn_norm"):
         jaxllama.trace(probes=["attn_nrom"]).__enter__()
     with pytest.raises(InvalidInputError, match="layer 3 out of range; valid layers: 0..2"):
         with jaxllama.trace(layers=[3]):

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from ..errors import InvalidInputError, JaxLlamaError
-from ..tracing.probes import ORDER
+from ..tracing.probes import ALL_PROBES
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="statistics of every probe at every layer (rms, min, max, mean, NaN/Inf)")
     _model_arg(tr)
     _input_args(tr)
-    tr.add_argument("--probes", help=f"comma-separated probe names (default: all): {', '.join(ORDER)}")
+    tr.add_argument("--probes", help="comma-separated probe names (default: all the model has; llama.cpp's "
+                                      f"tensor names): {', '.join(ALL_PROBES)}")
     tr.add_argument("--layers", help="layers to report, e.g. 0,1,5-7 (default: all)")
     tr.add_argument("--per-position", action="store_true", help="one record per token position")
     tr.add_argument("--json", action="store_true", help="print {\"records\": [...], \"reproduce\": {...}}")

@@ -1,7 +1,9 @@
 """The model's hyper-parameters, read from GGUF metadata into a frozen dataclass.
 
 The config is hashable, so it is passed to `jax.jit` as a static argument: shapes and
-branches (tied output, rope_freqs) are fixed at compile time.
+branches (tied output, rope_freqs, the architecture's flags) are fixed at compile time. What
+differs between architectures is declared in `architectures.py`; the config carries the
+resulting flags, so the forward never asks for an architecture by name.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import GGUFFormatError, UnsupportedModelError
-from .reader import GGUFFile
+import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+import math
+
+from ..errors import GGUFFormatError, UnsupportedModelError
+from .architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture
+from .reader import GGUFFile
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,17 @@ class LlamaConfig:
       vocab_size: rows of `token_embd`.
       context_length: training context (`{arch}.context_length`): the longest input accepted.
       tied_output: no `output.weight`; logits use `token_embd` transposed.
+      arch: `general.architecture` (its choices are in `architectures.ARCHITECTURES`).
+      rope_neox: RoPE rotates halves (x[i], x[i + rope_dim/2]) instead of adjacent pairs.
+      qk_norm: queries and keys are RMS-normalised per head (attn_q_norm, attn_k_norm).
+      qkv_bias / out_bias / output_bias: bias vectors on q, k, v / attn_output / the logits.
+      post_norms: RMSNorm after the attention and feed-forward outputs (post_attention_norm,
+        post_ffw_norm), before each residual add.
+      activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, llama.cpp's CPU GELU).
+      embed_scale: factor applied to the embeddings (sqrt(d_model) for Gemma, else 1).
+      query_scale: factor applied to q.k before the softmax.
+      sliding_window: keys at most this many positions back are visible in sliding layers (0: none).
+      swa_layers: per layer, whether it slides (and uses rope_base_swa / rope_scale_swa).
     """
 
     n_layer: int
@@ -51,6 +67,48 @@ class LlamaConfig:
     vocab_size: int
     context_length: int
     tied_output: bool
+    arch: str = "llama"
+    rope_neox: bool = False
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    output_bias: bool = False
+    post_norms: bool = False
+    activation: str = "silu"
+    embed_scale: float = 1.0
+    query_scale: float = 0.0  # 0: 1/sqrt(head_dim)
+    sliding_window: int = 0
+    swa_layers: tuple[bool, ...] = ()
+    rope_base_swa: float = 10000.0
+    rope_scale_swa: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.query_scale == 0.0:
+            object.__setattr__(self, "query_scale", 1 / math.sqrt(self.head_dim))
+        if len(self.swa_layers) != self.n_layer:
+            if any(self.swa_layers):
+                raise ValueError(f"swa_layers has {len(self.swa_layers)} flags for {self.n_layer} layers")
+            object.__setattr__(self, "swa_layers", (False,) * self.n_layer)  # e.g. replace(c, n_layer=...)
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def layer_probes(self) -> tuple[str, ...]:
+        """llama.cpp's names of this architecture's per-layer tensors, in execution order."""
+        return self.architecture.layer_probes
+
+    @property
+    def global_probes(self) -> tuple[str, ...]:
+        return self.architecture.global_probes
+
+    @property
+    def probe_order(self) -> tuple[str, ...]:
+        """Every probe in execution order (global ones before and after the layers)."""
+        g = self.global_probes
+        before = tuple(p for p in g if p not in ("result_norm", "result_output"))
+        return (*before, *self.layer_probes, *(p for p in g if p not in before))
 
     @property
     def n_group(self) -> int:
@@ -58,12 +116,18 @@ class LlamaConfig:
         return self.n_head // self.n_head_kv
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (lists, not tuples) for JSON and msgpack."""
+        d = dataclasses.asdict(self)
+        d["swa_layers"] = list(d["swa_layers"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        values = {k: v for k, v in d.items() if k in names}
+        if "swa_layers" in values:  # lists after a JSON/msgpack round trip
+            values["swa_layers"] = tuple(bool(v) for v in values["swa_layers"])
+        return cls(**values)
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "LlamaConfig":
@@ -75,6 +139,8 @@ class LlamaConfig:
         context_length = get("context_length", int)
         if context_length <= 0:
             raise UnsupportedModelError(f"{f.path}: {arch}.context_length is {context_length}")
+        a = ARCHITECTURES[arch]
+        window, swa_layers = _sliding_window(f, get, a, n_layer)
         return cls(
             n_layer=n_layer,
             d_model=d_model,
@@ -90,6 +156,19 @@ class LlamaConfig:
             vocab_size=f.tensors["token_embd.weight"].shape[0],
             context_length=context_length,
             tied_output="output.weight" not in f.tensors,
+            arch=arch,
+            rope_neox=a.rope == "neox",
+            qk_norm=a.qk_norm,
+            qkv_bias="blk.0.attn_q.bias" in f.tensors,
+            out_bias="blk.0.attn_output.bias" in f.tensors,
+            output_bias="output.bias" in f.tensors,
+            post_norms=a.post_norms,
+            activation=a.activation,
+            embed_scale=float(np.float32(math.sqrt(d_model))) if a.embed_scale else 1.0,
+            query_scale=float(get("attention.scale", (int, float), 0.0)) or a.query_scale(d_model, n_head, head_dim, n_layer),
+            sliding_window=window,
+            swa_layers=swa_layers,
+            rope_base_swa=float(get("rope.freq_base_swa", (int, float), a.rope_base_swa)),
         )
 
 
@@ -122,6 +201,23 @@ class _MetadataReader:
         if isinstance(v, bool) or not isinstance(v, kind):
             raise UnsupportedModelError(f"{self.f.path}: metadata {full} = {_short(v)} is not a single {kind}")
         return v
+
+
+def _sliding_window(f: GGUFFile, get: _MetadataReader, a: Architecture, n_layer: int) -> tuple[int, tuple[bool, ...]]:
+    """The window and which layers slide: `attention.sliding_window_pattern` (a period, or one
+    flag per layer) or the architecture's default period; every period-th layer is global."""
+    window = get("attention.sliding_window", int, 0) if a.swa_pattern else 0
+    if window <= 0:
+        return 0, (False,) * n_layer
+    pattern = f.metadata.get(f"{a.name}.attention.sliding_window_pattern", a.swa_pattern)
+    if isinstance(pattern, (list, np.ndarray)):
+        flags = tuple(bool(v) for v in list(pattern)[:n_layer])
+        if len(flags) != n_layer:
+            raise UnsupportedModelError(f"{f.path}: sliding_window_pattern has {len(flags)} flags for {n_layer} layers")
+        return window, flags
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 0:
+        raise UnsupportedModelError(f"{f.path}: invalid {a.name}.attention.sliding_window_pattern {_short(pattern)}")
+    return window, tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
 
 
 def _sizes(f: GGUFFile, get: _MetadataReader) -> tuple[int, int, int, int, int]:

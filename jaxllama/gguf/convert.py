@@ -21,9 +21,13 @@ Layout (`L` layers, `D` width, `F` feed-forward width, `H`/`K` query/KV heads of
         "rope":        {"freq_factors": [rope_dim // 2]},  # only with a rope_freqs tensor
     }}
 
-Q and K rows keep GGUF's order (the HF->GGUF converter permuted them so that RoPE rotates
-adjacent pairs). Norm scales stay float32; matrices and the embedding take `dtype`.
-A later quantized path can replace a `kernel` leaf by a dict of blocks and scales.
+and, where the architecture and file have them (see `LlamaConfig`): `"bias"` leaves next to
+`attn_q`/`attn_k`/`attn_v` (`[L, H*d]`, `[L, K*d]`), `attn_output` (`[L, D]`) and `output`
+(`[V]`); `attn_q_norm`/`attn_k_norm` `{"scale": [L, d]}` (QK-norm);
+`post_attention_norm`/`post_ffw_norm` `{"scale": [L, D]}` (sandwich norms).
+
+Q and K rows keep GGUF's order (the HF->GGUF converter permuted Llama's so that RoPE rotates
+adjacent pairs). Norm scales and biases stay float32; matrices and the embedding take `dtype`.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from .reader import GGUFFile
 
 Params = dict[str, Any]
 
-LAYER_NORMS = ("attn_norm", "ffn_norm")
 #: The matrices of one layer, in the order the forward uses them.
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 #: Every matrix a forward multiplies by: the layer matrices and the output (`token_embd` when tied).
@@ -70,36 +73,49 @@ def cast_params(params: Params, dtype: str) -> Params:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def gguf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Expected numpy-order shape of every tensor of a GGUF with config `c` (layer 0 stands for all)."""
-    q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-    shapes = {
-        "token_embd.weight": (c.vocab_size, c.d_model),
-        "output_norm.weight": (c.d_model,),
+def tensor_table(c: LlamaConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Every GGUF tensor a model of config `c` needs: its numpy-order shape and its pytree path
+    (per-layer tensors stack under `("layers", short, leaf)`)."""
+    q, kv, d = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.d_model
+    table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+        "token_embd.weight": ((c.vocab_size, d), ("token_embd", "embedding")),
+        "output_norm.weight": ((d,), ("output_norm", "scale")),
     }
     if not c.tied_output:
-        shapes["output.weight"] = (c.vocab_size, c.d_model)
+        table["output.weight"] = ((c.vocab_size, d), ("output", "kernel"))
+    if c.output_bias:
+        table["output.bias"] = ((c.vocab_size,), ("output", "bias"))
     if c.has_rope_freqs:
-        shapes["rope_freqs.weight"] = (c.rope_dim // 2,)
-    layer = {
-        "attn_norm": (c.d_model,),
-        "attn_q": (q, c.d_model),
-        "attn_k": (kv, c.d_model),
-        "attn_v": (kv, c.d_model),
-        "attn_output": (c.d_model, q),
-        "ffn_norm": (c.d_model,),
-        "ffn_gate": (c.d_ff, c.d_model),
-        "ffn_up": (c.d_ff, c.d_model),
-        "ffn_down": (c.d_model, c.d_ff),
+        table["rope_freqs.weight"] = ((c.rope_dim // 2,), ("rope", "freq_factors"))
+    layer: dict[tuple[str, str], tuple[int, ...]] = {
+        ("attn_norm", "weight"): (d,),
+        ("attn_q", "weight"): (q, d),
+        ("attn_k", "weight"): (kv, d),
+        ("attn_v", "weight"): (kv, d),
+        ("attn_output", "weight"): (d, q),
+        ("ffn_norm", "weight"): (d,),
+        ("ffn_gate", "weight"): (c.d_ff, d),
+        ("ffn_up", "weight"): (c.d_ff, d),
+        ("ffn_down", "weight"): (d, c.d_ff),
     }
-    for i in range(c.n_layer):
-        shapes.update({f"blk.{i}.{k}.weight": v for k, v in layer.items()})
-    return shapes
+    if c.qkv_bias:
+        layer.update({("attn_q", "bias"): (q,), ("attn_k", "bias"): (kv,), ("attn_v", "bias"): (kv,)})
+    if c.out_bias:
+        layer[("attn_output", "bias")] = (d,)
+    if c.qk_norm:
+        layer.update({("attn_q_norm", "weight"): (c.head_dim,), ("attn_k_norm", "weight"): (c.head_dim,)})
+    if c.post_norms:
+        layer.update({("post_attention_norm", "weight"): (d,), ("post_ffw_norm", "weight"): (d,)})
+    for (short, suffix), shape in layer.items():
+        leaf = "bias" if suffix == "bias" else ("kernel" if short in LAYER_MATRICES else "scale")
+        for i in range(c.n_layer):
+            table[f"blk.{i}.{short}.{suffix}"] = (shape, ("layers", short, leaf))
+    return table
 
 
 def _check_tensors(f: GGUFFile, c: LlamaConfig) -> None:
-    expected = gguf_shapes(c)
-    for name, shape in expected.items():
+    expected = tensor_table(c)
+    for name, (shape, _) in expected.items():
         if name not in f.tensors:
             raise UnsupportedModelError(f"{f.path}: missing tensor {name!r}")
         if f.tensors[name].shape != shape:
@@ -109,7 +125,7 @@ def _check_tensors(f: GGUFFile, c: LlamaConfig) -> None:
     extra = sorted(set(f.tensors) - set(expected))
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        raise UnsupportedModelError(f"{f.path}: unsupported tensors {', '.join(extra[:3])}{more}")
+        raise UnsupportedModelError(f"{f.path}: unsupported tensors for {c.arch}: {', '.join(extra[:3])}{more}")
 
 
 def _raw(f: GGUFFile, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
@@ -148,26 +164,20 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, dtype: str = "float32") -> Par
     """Convert the tensors of `f` into the parameter pytree documented above."""
     target = check_dtype(dtype)
     _check_tensors(f, c)
-    single = {
-        ("token_embd", "embedding"): "token_embd.weight",
-        ("output_norm", "scale"): "output_norm.weight",
-    }
-    if not c.tied_output:
-        single[("output", "kernel")] = "output.weight"
-    if c.has_rope_freqs:
-        single[("rope", "freq_factors")] = "rope_freqs.weight"
+    by_path: dict[tuple[str, ...], list[str]] = {}
+    for name, (_, path) in tensor_table(c).items():
+        by_path.setdefault(path, []).append(name)  # per-layer names arrive in layer order
 
     spec, raws = [], {}
-    for path, name in single.items():
-        raw, t = _raw(f, name)
-        spec.append((path, path[-1], ((t, (0,)),)))
-        raws[path] = [raw]
-    for short in LAYER_NORMS + LAYER_MATRICES:
+    for path, names in by_path.items():
+        decoded = [_raw(f, name) for name in names]
+        if path[0] != "layers":
+            spec.append((path, path[-1], ((decoded[0][1], (0,)),)))
+            raws[path] = [decoded[0][0]]
+            continue
         by_type: dict[GGMLQuantizationType, list[int]] = {}
-        decoded = [_raw(f, f"blk.{i}.{short}.weight") for i in range(c.n_layer)]
         for i, (_, t) in enumerate(decoded):
             by_type.setdefault(t, []).append(i)
-        path = ("layers", short, "scale" if short in LAYER_NORMS else "kernel")
         spec.append((path, path[-1], tuple((t, tuple(idx)) for t, idx in by_type.items())))
         raws[path] = [np.stack([decoded[i][0] for i in idx]) for idx in by_type.values()]
     # jit needs string keys in pytrees: key the inputs by the joined path.

@@ -19,7 +19,7 @@ import numpy as np
 from ..loader import Model
 from .binding import INSTALL_HINT, ReferenceUnavailableError, is_installed
 from .capture import capture
-from ..tracing.probes import LAYER_PROBES, ORDER, STAT_NAMES, Intervention, statistics_numpy
+from ..tracing.probes import STAT_NAMES, Intervention, statistics_numpy
 from ..tracing.recorder import finite_or_none, trace
 
 #: llama.cpp's names where they differ from ours
@@ -146,20 +146,22 @@ def compare(
     if not is_installed():
         raise ReferenceUnavailableError(f"jaxllama compare needs llama-cpp-python; {INSTALL_HINT}")
     m = model.with_act_quant(act_quant)
-    with trace(capture=ORDER, interventions=interventions) as rec:
+    c = model.config
+    with trace(capture=c.probe_order, interventions=interventions) as rec:
         m.logits(ids)
     ours_stats = {(r["probe"], r["layer"]): {k: r[k] for k in STAT_NAMES} for r in rec.records}
 
-    wanted = {f"{p}-{i}" for p in LAYER_PROBES for i in range(model.config.n_layer)}
-    wanted |= {n for p in ORDER if p not in LAYER_PROBES for n in LLAMACPP_NAMES.get(p, (p,))}
+    wanted = {f"{p}-{i}" for p in c.layer_probes for i in range(c.n_layer)}
+    wanted |= {n for p in c.global_probes for n in LLAMACPP_NAMES.get(p, (p,))}
     tensors, _, unreadable = capture(reference or model.source, ids, keep=wanted.__contains__, n_threads=n_threads)
 
     t = len(ids)
     diffs: list[ProbeDiff] = []
     missing: dict[str, str] = {}
-    order = [("inp_embd", None)]
-    order += [(p, i) for i in range(model.config.n_layer) for p in LAYER_PROBES]
-    order += [("result_norm", None), ("result_output", None)]
+    before = [p for p in c.global_probes if not p.startswith("result_")]
+    order = [(p, None) for p in before]
+    order += [(p, i) for i in range(c.n_layer) for p in c.layer_probes]
+    order += [(p, None) for p in c.global_probes if p not in before]
     for probe, layer in order:
         names = [f"{probe}-{layer}"] if layer is not None else list(LLAMACPP_NAMES.get(probe, (probe,)))
         theirs = next((tensors[n] for n in names if n in tensors), None)

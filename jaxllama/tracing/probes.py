@@ -1,8 +1,10 @@
 """Named probes inside the forward: the vocabulary, the static selection, on-device statistics.
 
 Probe names are llama.cpp's tensor names (its eval callback calls them `NAME-LAYER`), so a
-jaxllama trace and a llama.cpp trace line up one to one. Shapes are for tokens `[B, T]`;
-`D` width, `H`/`K` query/KV heads of size `d`, `F` feed-forward width, `V` vocabulary.
+jaxllama trace and a llama.cpp trace line up one to one. Each architecture has the names its
+llama.cpp graph has (`LlamaConfig.layer_probes`, `.global_probes`, `.probe_order`; declared in
+`gguf/architectures.py`); the dictionaries below describe every name. Shapes are for tokens
+`[B, T]`; `D` width, `H`/`K` query/KV heads of size `d`, `F` feed-forward width, `V` vocabulary.
 """
 
 from __future__ import annotations
@@ -15,34 +17,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..gguf.architectures import ARCHITECTURES
 from ..gguf.config import LlamaConfig
 from ..errors import InvalidInputError
 
-#: Probes in every layer, in the order the forward computes them.
+#: Probes inside the layers, over all architectures (each has a subset, in this order).
 LAYER_PROBES: dict[str, str] = {
     "attn_norm": "RMS-normalised layer input times attn_norm weight  [B, T, D]",
+    "Qcur_normed": "queries, RMS-normalised per head (QK-norm), before RoPE  [B, T, H, d]",
+    "Kcur_normed": "keys, RMS-normalised per head (QK-norm), before RoPE  [B, T, K, d]",
     "Qcur": "queries after RoPE  [B, T, H, d]",
     "Kcur": "keys after RoPE  [B, T, K, d]",
     "Vcur": "values  [B, T, K, d]",
     "kqv_out": "attention result, heads merged, before the output projection  [B, T, H*d]",
     "attn_out": "after the output projection, before the residual add  [B, T, D]",
+    "attn_post_norm": "the output projection RMS-normalised times post_attention_norm (Gemma)  [B, T, D]",
     "ffn_inp": "residual stream after attention (layer input + attn_out)  [B, T, D]",
-    "ffn_norm": "RMS-normalised ffn_inp times ffn_norm weight  [B, T, D]",
+    "sa_out": "residual stream after attention (layer input + attn_post_norm; Gemma)  [B, T, D]",
+    "ffn_norm": "RMS-normalised residual stream times ffn_norm weight  [B, T, D]",
     "ffn_gate": "gate projection  [B, T, F]",
     "ffn_up": "up projection  [B, T, F]",
     "ffn_swiglu": "silu(ffn_gate) * ffn_up  [B, T, F]",
+    "ffn_geglu": "gelu_tanh(ffn_gate) * ffn_up (Gemma)  [B, T, F]",
     "ffn_out": "down projection, before the residual add  [B, T, D]",
-    "l_out": "layer output (ffn_inp + ffn_out)  [B, T, D]",
+    "ffn_post_norm": "ffn_out RMS-normalised times post_ffw_norm (Gemma)  [B, T, D]",
+    "l_out": "layer output (residual stream + feed-forward branch)  [B, T, D]",
 }
-#: Probes outside the layers.
+#: Probes outside the layers, over all architectures.
 GLOBAL_PROBES: dict[str, str] = {
     "inp_embd": "token embeddings  [B, T, D]",
+    "inp_scaled": "token embeddings times sqrt(D) (Gemma)  [B, T, D]",
     "result_norm": "final RMSNorm times output_norm weight  [B, T, D]",
     "result_output": "logits  [B, T, V]",
 }
-ALL_PROBES = {**LAYER_PROBES, **GLOBAL_PROBES}
-#: Execution order, for finding the first probe where two traces part.
-ORDER = ("inp_embd", *LAYER_PROBES, "result_norm", "result_output")
+#: Every name, in execution order (globals before the layers, the layers, globals after).
+ALL_PROBES = {**{k: v for k, v in GLOBAL_PROBES.items() if not k.startswith("result_")}, **LAYER_PROBES,
+              **{k: v for k, v in GLOBAL_PROBES.items() if k.startswith("result_")}}
+#: Llama's execution order (other architectures: `LlamaConfig.probe_order`).
+ORDER = ("inp_embd", *ARCHITECTURES["llama"].layer_probes, "result_norm", "result_output")
 
 STAT_NAMES = ("rms", "mean", "std", "min", "max", "absmax", "nan", "inf")
 
@@ -84,11 +96,14 @@ class ProbeSpec:
         return bool(self.stats or self.capture or self.interventions)
 
 
-def check_probe_names(names: Iterable[str], what: str = "probe") -> tuple[str, ...]:
+def check_probe_names(names: Iterable[str], what: str = "probe", c: LlamaConfig | None = None) -> tuple[str, ...]:
+    """`names` as a tuple; `InvalidInputError` listing the valid names (of model `c`, if given)."""
     names = tuple(names)
-    unknown = [n for n in names if n not in ALL_PROBES]
+    valid = c.probe_order if c is not None else tuple(ALL_PROBES)
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise InvalidInputError(f"unknown {what} {unknown[0]!r}; valid probes: {', '.join(ORDER)}")
+        model = f" for {c.arch}" if c is not None else ""
+        raise InvalidInputError(f"unknown {what} {unknown[0]!r}{model}; valid probes: {', '.join(valid)}")
     return names
 
 
@@ -104,11 +119,11 @@ def check_layers(layers: Iterable[int] | None, c: LlamaConfig, what: str = "laye
 
 def validate(spec: ProbeSpec, c: LlamaConfig) -> ProbeSpec:
     """Raise `InvalidInputError` listing the valid names or layers if `spec` names others."""
-    check_probe_names(spec.stats)
-    check_probe_names(spec.capture)
+    check_probe_names(spec.stats, c=c)
+    check_probe_names(spec.capture, "capture probe", c)
     check_layers(spec.capture_layers, c, "capture layer")
     for iv in spec.interventions:
-        check_probe_names([iv.probe], "intervention probe")
+        check_probe_names([iv.probe], "intervention probe", c)
         check_layers(iv.layers, c, "intervention layer")
     return spec
 
@@ -205,11 +220,14 @@ def probe_shape(name: str, c: LlamaConfig, b: int, t: int) -> tuple[int, ...]:
     shapes = {
         "Qcur": (b, t, c.n_head, c.head_dim),
         "Kcur": (b, t, c.n_head_kv, c.head_dim),
+        "Qcur_normed": (b, t, c.n_head, c.head_dim),
+        "Kcur_normed": (b, t, c.n_head_kv, c.head_dim),
         "Vcur": (b, t, c.n_head_kv, c.head_dim),
         "kqv_out": (b, t, c.n_head * c.head_dim),
         "ffn_gate": (b, t, c.d_ff),
         "ffn_up": (b, t, c.d_ff),
         "ffn_swiglu": (b, t, c.d_ff),
+        "ffn_geglu": (b, t, c.d_ff),
         "result_output": (b, t, c.vocab_size),
     }
     return shapes.get(name, (b, t, c.d_model))

@@ -13,6 +13,7 @@ static `ProbeSpec`, and wait for every callback (`jax.effects_barrier`) before r
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..gguf.config import LlamaConfig
 from .probes import (
+    ALL_PROBES,
     GLOBAL_PROBES,
     LAYER_PROBES,
     ORDER,
@@ -60,11 +62,11 @@ class Recorder:
         capture_layers: Iterable[int] | None = None,
         interventions: Sequence[Intervention] = (),
     ):
-        self.probes = check_probe_names(ORDER if probes is None else probes)
+        self.probes = None if probes is None else check_probe_names(probes)  # None: all the model has
         self.layers = None if layers is None else tuple(layers)
         self.capture_layers = None if capture_layers is None else tuple(capture_layers)
         self.spec = ProbeSpec(
-            stats=self.probes,
+            stats=self.probes or (),
             per_position=per_position,
             capture=check_probe_names(capture, "capture probe"),
             capture_layers=self.capture_layers,
@@ -75,12 +77,16 @@ class Recorder:
         self._call = -1
         self._prompt_lengths: np.ndarray | None = None  # per row, while a generation is recorded
         self._kept_layers: tuple[int, ...] = ()
+        self._order: tuple[str, ...] = ORDER
 
     # --- used by Model -------------------------------------------------------------------
     def spec_for(self, c: LlamaConfig) -> ProbeSpec:
-        """The static probe selection, checked against the model (raises on bad names/layers)."""
+        """The static probe selection for model `c`, checked against it (raises on bad names/layers)."""
         check_layers(self.layers, c)
+        if self.probes is None:  # every probe this architecture has
+            self.spec = dataclasses.replace(self.spec, stats=c.probe_order)
         validate(self.spec, c)
+        self._order = c.probe_order
         self._kept_layers = tuple(range(c.n_layer)) if self.capture_layers is None else tuple(sorted(set(self.capture_layers)))
         return self.spec
 
@@ -123,9 +129,10 @@ class Recorder:
         """Records in execution order: call, row, layer (global probes first/last), probe."""
 
         def key(r: dict[str, Any]) -> tuple:
-            probe_rank = ORDER.index(r["probe"])
+            probe_rank = self._order.index(r["probe"]) if r["probe"] in self._order else len(ALL_PROBES)
             layer = r["layer"]
-            stage = -1 if r["probe"] == "inp_embd" else (10**9 if layer is None else layer)
+            before_layers = r["probe"] in GLOBAL_PROBES and not r["probe"].startswith("result_")
+            stage = -1 if before_layers else (10**9 if layer is None else layer)
             return (r["call"], r["row"], r.get("position", -1), stage, probe_rank)
 
         return sorted(self.records, key=key)
@@ -192,7 +199,7 @@ class Recorder:
         import matplotlib.pyplot as plt
 
         call = self._call if call is None else call
-        chosen = [p for p in (probes or self.probes) if p in LAYER_PROBES]
+        chosen = [p for p in (probes or self.spec.stats) if p in LAYER_PROBES]
         fig, ax = plt.subplots(figsize=(9, 5))
         for probe in chosen:
             pts = sorted(
@@ -215,7 +222,7 @@ class Recorder:
     def __repr__(self) -> str:
         bad = self.nonfinite()
         where = f"first NaN/Inf at {bad[0]['probe']} layer {bad[0]['layer']}" if bad else "no NaN/Inf"
-        return f"<Recorder: {self._call + 1} call(s), {len(self.records)} records, {len(self.probes)} probes, {where}>"
+        return f"<Recorder: {self._call + 1} call(s), {len(self.records)} records, {len(self.spec.stats)} probes, {where}>"
 
     def _repr_html_(self) -> str:
         body = html.escape(self.table(max_rows=60))
@@ -233,7 +240,7 @@ def trace(
 ) -> Iterator[Recorder]:
     """Record statistics (and `capture`d activations) of every `Model` forward call inside.
 
-    probes: probe names to record (None: all of `probes.ORDER`); layers: layers to keep
+    probes: probe names to record (None: every probe the model has); layers: layers to keep
     records for (None: all); per_position: one record per token position;
     capture/capture_layers: activations to keep as arrays; interventions: replacements
     applied to the forward (see `interventions`). Unknown names or layers raise
