@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .tracing.actquant import fake_quant, q8_1_sum_correction
+from .tracing.actquant import fake_quant, ggml_gelu, q8_1_sum_correction
 from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
 from .gguf.convert import Params
@@ -184,7 +184,8 @@ def block(
     h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
     gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
     if c.activation == "gelu_tanh":
-        g = tap("ffn_geglu", gelu_tanh(gate) * up)
+        gelu = ggml_gelu if aq.get("gelu") == "ggml_f16" else gelu_tanh
+        g = tap("ffn_geglu", gelu(gate) * up)
     else:
         g = tap("ffn_swiglu", jax.nn.silu(gate) * up)
     f = tap("ffn_out", mm("ffn_down", g))

@@ -1,9 +1,12 @@
-"""An independent float64 numpy forward of a Llama GGUF, the oracle for tiny random models.
+"""An independent float64 numpy forward of a GGUF, the oracle for tiny random models.
 
 It shares no code with jaxllama: the file is read with `gguf.GGUFReader`, weights are
 dequantized with `gguf.quants`, and the math is written out per head and per pair, straight
-from the definitions (RMSNorm, adjacent-pair RoPE with theta = p * base^(-2i/d) / freq / scale,
-GQA with head h reading KV head h // (H / K), SwiGLU silu(gate) * up).
+from the definitions: RMSNorm; RoPE with theta = p * base^(-2i/d) / freq / scale on adjacent
+pairs (llama) or on halves (qwen2, qwen3, gemma3); GQA with head h reading KV head h // (H / K);
+SwiGLU silu(gate) * up, or GeGLU gelu_tanh(gate) * up (gemma3); q/k/v biases where the file has
+them; QK-norm (qwen3, gemma3); Gemma 3's embedding scale sqrt(D), sandwich norms, query scale
+1/sqrt(head_dim), and a sliding window on all but every 6th layer (base 10000 there).
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
+NEOX = ("qwen2", "qwen3", "gemma3")
+
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
     f = reader.get_field(key)
     return default if f is None else f.contents()
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def reference_logits(path, tokens: list[int]) -> np.ndarray:
@@ -26,6 +35,7 @@ def reference_logits(path, tokens: list[int]) -> np.ndarray:
     eps = _field(r, f"{a}.attention.layer_norm_rms_epsilon")
     base = _field(r, f"{a}.rope.freq_base", 10000.0)
     scale = _field(r, f"{a}.rope.scaling.factor", 1.0) if _field(r, f"{a}.rope.scaling.type") == "linear" else 1.0
+    window = _field(r, f"{a}.attention.sliding_window", 0) if a == "gemma3" else 0
     W = {
         t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(
             [int(d) for d in reversed(t.shape)]
@@ -34,42 +44,54 @@ def reference_logits(path, tokens: list[int]) -> np.ndarray:
     }
     emb = W["token_embd.weight"]
     d_model = emb.shape[1]
-    hd = d_model // n_head
+    hd = _field(r, f"{a}.attention.key_length", d_model // n_head)
     ff = W.get("rope_freqs.weight", np.ones(hd // 2))
 
     def norm(x, w):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
-    def rope(x):  # x [T, heads, hd]
+    def rope(x, layer_base, layer_scale):  # x [T, heads, hd]
         out = x.copy()
         for p in range(x.shape[0]):
             for i in range(hd // 2):
-                theta = p * base ** (-2.0 * i / hd) / ff[i] / scale
+                theta = p * layer_base ** (-2.0 * i / hd) / ff[i] / layer_scale
                 c, s = np.cos(theta), np.sin(theta)
-                x0, x1 = x[p, :, 2 * i], x[p, :, 2 * i + 1]
-                out[p, :, 2 * i] = x0 * c - x1 * s
-                out[p, :, 2 * i + 1] = x0 * s + x1 * c
+                j0, j1 = (i, i + hd // 2) if a in NEOX else (2 * i, 2 * i + 1)
+                x0, x1 = x[p, :, j0], x[p, :, j1]
+                out[p, :, j0] = x0 * c - x1 * s
+                out[p, :, j1] = x0 * s + x1 * c
         return out
 
     n = len(tokens)
-    x = emb[tokens]
+    x = emb[tokens] * (np.sqrt(d_model) if a == "gemma3" else 1.0)
     for layer in range(n_layer):
-        g = lambda name: W[f"blk.{layer}.{name}.weight"]  # noqa: E731
+        g = lambda name, kind="weight": W.get(f"blk.{layer}.{name}.{kind}")  # noqa: E731
+        slides = window > 0 and layer % 6 < 5
+        layer_base, layer_scale = (10000.0, 1.0) if slides else (base, scale)
         h = norm(x, g("attn_norm"))
-        q = rope((h @ g("attn_q").T).reshape(n, n_head, hd))
-        k = rope((h @ g("attn_k").T).reshape(n, n_kv, hd))
-        v = (h @ g("attn_v").T).reshape(n, n_kv, hd)
+        proj = {name: h @ g(name).T + (g(name, "bias") if g(name, "bias") is not None else 0)
+                for name in ("attn_q", "attn_k", "attn_v")}
+        q, k = proj["attn_q"].reshape(n, n_head, hd), proj["attn_k"].reshape(n, n_kv, hd)
+        v = proj["attn_v"].reshape(n, n_kv, hd)
+        if g("attn_q_norm") is not None:
+            q, k = norm(q, g("attn_q_norm")), norm(k, g("attn_k_norm"))
+        q, k = rope(q, layer_base, layer_scale), rope(k, layer_base, layer_scale)
+        visible = np.tril(np.ones((n, n), bool))
+        if slides:
+            visible &= np.subtract.outer(np.arange(n), np.arange(n)) < window
         heads = []
         for head in range(n_head):
             kv = head // (n_head // n_kv)
             s = q[:, head] @ k[:, kv].T / np.sqrt(hd)
-            s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+            s = np.where(visible, s, -np.inf)
             p = np.exp(s - s.max(axis=-1, keepdims=True))
             heads.append((p / p.sum(axis=-1, keepdims=True)) @ v[:, kv])
-        x = x + np.concatenate(heads, axis=-1) @ g("attn_output").T
+        attn = np.concatenate(heads, axis=-1) @ g("attn_output").T
+        x = x + (norm(attn, g("post_attention_norm")) if a == "gemma3" else attn)
         h = norm(x, g("ffn_norm"))
         gate = h @ g("ffn_gate").T
-        silu = gate * 0.5 * (1 + np.tanh(gate / 2))  # gate * sigmoid(gate), overflow-free
-        x = x + (silu * (h @ g("ffn_up").T)) @ g("ffn_down").T
+        act = _gelu_tanh(gate) if a == "gemma3" else gate * 0.5 * (1 + np.tanh(gate / 2))  # silu, overflow-free
+        out = (act * (h @ g("ffn_up").T)) @ g("ffn_down").T
+        x = x + (norm(out, g("post_ffw_norm")) if a == "gemma3" else out)
     x = norm(x, W["output_norm.weight"])
-    return x @ W.get("output.weight", emb).T
+    return x @ W.get("output.weight", emb).T + W.get("output.bias", 0)

@@ -39,8 +39,11 @@ class TinySpec:
     # per-layer overrides of the matrix type, e.g. {("ffn_down", 1): T.Q6_K}
     overrides: dict = field(default_factory=dict, hash=False)
     embd_type: T = T.F32
-    architecture: str = "llama"
+    architecture: str = "llama"  # llama, qwen2 (q/k/v biases), qwen3 (QK-norm), gemma3 (all of Gemma 3)
     drop: tuple[str, ...] = ()  # tensor names to leave out (for error tests)
+    head_dim: int | None = None  # attention.key_length (default d_model / n_head)
+    sliding_window: int = 0  # gemma3: attention.sliding_window (pattern: every 6th layer global)
+    qkv_bias: bool | None = None  # default: True for qwen2
 
 
 def random_blocks(qtype: T, n_values: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,7 +74,9 @@ def encode(values: np.ndarray, qtype: T, rng: np.random.Generator) -> tuple[np.n
 def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     s = spec
-    hd = s.d_model // s.n_head
+    hd = s.head_dim or s.d_model // s.n_head
+    qk_norm = s.architecture in ("qwen3", "gemma3")
+    bias = s.architecture == "qwen2" if s.qkv_bias is None else s.qkv_bias
     w = gguf.GGUFWriter(str(path), s.architecture)
     a = s.architecture
     w.add_string("general.name", "tiny-random")
@@ -84,6 +89,11 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0
     w.add_float32(f"{a}.rope.freq_base", s.rope_base)
     w.add_uint32(f"{a}.rope.dimension_count", hd)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    if s.head_dim:
+        w.add_uint32(f"{a}.attention.key_length", hd)
+        w.add_uint32(f"{a}.attention.value_length", hd)
+    if s.sliding_window:
+        w.add_uint32(f"{a}.attention.sliding_window", s.sliding_window)
     if s.rope_scale is not None:
         w.add_string(f"{a}.rope.scaling.type", "linear")
         w.add_float32(f"{a}.rope.scaling.factor", s.rope_scale)
@@ -125,6 +135,15 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0
         add(f"blk.{i}.ffn_norm.weight", norm(s.d_model), T.F32)
         for short, shape in shapes.items():
             add(f"blk.{i}.{short}.weight", mat(*shape), s.overrides.get((short, i), s.matrix_type))
+        if bias:
+            for short in ("attn_q", "attn_k", "attn_v"):
+                add(f"blk.{i}.{short}.bias", rng.normal(0, 0.5, size=shapes[short][0]).astype(np.float32), T.F32)
+        if qk_norm:
+            add(f"blk.{i}.attn_q_norm.weight", norm(hd), T.F32)
+            add(f"blk.{i}.attn_k_norm.weight", norm(hd), T.F32)
+        if s.architecture == "gemma3":
+            add(f"blk.{i}.post_attention_norm.weight", norm(s.d_model), T.F32)
+            add(f"blk.{i}.post_ffw_norm.weight", norm(s.d_model), T.F32)
     add("output_norm.weight", norm(s.d_model), T.F32)
     if not s.tied:
         add("output.weight", mat(s.vocab, s.d_model), s.matrix_type)

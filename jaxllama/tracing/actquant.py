@@ -1,4 +1,5 @@
-"""Emulate llama.cpp's activation quantization in front of quantized matrix products.
+"""Emulate llama.cpp's CPU arithmetic: activation quantization in front of quantized matrix
+products, and its fp16 GELU table.
 
 On a quantized GGUF, llama.cpp's CPU backend converts each matmul's activations to the weight
 type's "vec_dot" type before the dot product: Q8_1 for Q4_1/Q5_1, Q8_0 for Q4_0/Q5_0/Q8_0 (and
@@ -128,8 +129,21 @@ def fake_quant(x: jax.Array, kind: str | None) -> jax.Array:
     raise ValueError(f"unknown activation type {kind!r}")
 
 
-def act_quant_plan(tensor_types: Mapping[str, str], n_layer: int) -> tuple[tuple[str, str | None], ...]:
-    """Static `(matrix, vec_dot type)` pairs for `forward(act_quant=...)` from GGUF tensor types.
+def ggml_gelu(x: jax.Array) -> jax.Array:
+    """GELU as ggml's CPU backend computes it (GGML_GELU_FP16): a table of fp16 values of the
+    tanh formula, indexed by fp16(x); 0 at x <= -10 and x at x >= 10. Results are fp16-rounded,
+    so they differ from the exact formula by up to ~5e-4 relative."""
+    h = x.astype(jnp.float16).astype(jnp.float32)
+    inner = np.float32(0.7978845608028654) * h * (1.0 + np.float32(0.044715) * h * h)
+    table = (0.5 * h * (1.0 + jnp.tanh(inner))).astype(jnp.float16).astype(jnp.float32)
+    return jnp.where(x <= -10.0, 0.0, jnp.where(x >= 10.0, x, table))
+
+
+def act_quant_plan(tensor_types: Mapping[str, str], n_layer: int, activation: str = "silu"
+                   ) -> tuple[tuple[str, str | None], ...]:
+    """Static `(name, emulation)` pairs for `forward(act_quant=...)` from GGUF tensor types: per
+    matrix the vec_dot type of its activations, and for a GeGLU model `("gelu", "ggml_f16")`
+    (llama.cpp's CPU GELU table, see `ggml_gelu`).
 
     The output matrix is `output.weight`, or `token_embd.weight` when tied.
     """
@@ -146,6 +160,8 @@ def act_quant_plan(tensor_types: Mapping[str, str], n_layer: int) -> tuple[tuple
                 f"{sorted({tensor_types[n] for n in names})}"
             )
         plan.append((short, kinds.pop()))
+    if activation == "gelu_tanh":
+        plan.append(("gelu", "ggml_f16"))
     return tuple(plan)
 
 
@@ -158,7 +174,7 @@ def with_act_quant(model: Any, enabled: bool = True) -> Any:
     """
     if not enabled:
         return dataclasses.replace(model, act_quant=None)
-    plan = act_quant_plan(model.tensor_types, model.config.n_layer)
+    plan = act_quant_plan(model.tensor_types, model.config.n_layer, model.config.activation)
     params = model.params
     if any(kind == "q8_1" for _, kind in plan):
         if model.source_sha256 is not None:
