@@ -142,3 +142,26 @@ def test_bad_messages_and_missing_template(llamacpp_vocab_dir):
     spm = jaxllama.load_tokenizer(llamacpp_vocab_dir / "ggml-vocab-llama-spm.gguf")
     with pytest.raises(ChatTemplateError, match="no chat template"):
         spm.apply_chat_template(USER)
+
+
+@pytest.mark.llamacpp
+def test_builtin_gemma_format_equals_llamacpps(gemma3_gguf):
+    """A file without a template gets llama.cpp's built-in format for its architecture."""
+    import ctypes
+
+    import llama_cpp
+
+    tok = jaxllama.load_tokenizer(gemma3_gguf)
+    assert tok.chat_template is None
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\n"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+    ]
+    for messages in conversations:
+        arr = (llama_cpp.llama_chat_message * len(messages))(
+            *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+        for add in (True, False):
+            buf = ctypes.create_string_buffer(4096)
+            n = llama_cpp.llama_chat_apply_template(b"gemma", arr, len(messages), add, buf, 4096)
+            assert tok.apply_chat_template(messages, add) == buf.raw[:n].decode()

@@ -39,6 +39,26 @@ MAX_INT_ARG = 1_000_000  # largest count/width a template may pass to a call or 
 MAX_TEMPLATE_CHARS = 1_000_000
 
 
+#: Templates for files that carry none, by `general.architecture`: llama.cpp's built-in formats
+#: (`llama-chat.cpp`), written as Jinja and rendered in the same sandbox.
+BUILTIN_TEMPLATES = {
+    # Gemma: roles user/model, a system message merged into the next user turn.
+    "gemma3": (
+        "{%- set ns = namespace(system='') -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}{%- set ns.system = ns.system ~ (m['content'] | trim) -%}"
+        "{%- else -%}"
+        "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}"
+        "{{ '<start_of_turn>' ~ role ~ '\n' }}"
+        "{%- if ns.system and role != 'model' -%}{{ ns.system ~ '\n\n' }}{%- set ns.system = '' -%}{%- endif -%}"
+        "{{ (m['content'] | trim) ~ '<end_of_turn>\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+    ),
+}
+
+
 class ChatTemplateError(JaxLlamaError):
     """A chat template is missing, broken, hostile, too slow or too large, or raised an error."""
 

@@ -185,6 +185,7 @@ class Tokenizer:
         self._init_flags(md)
         self._init_special(md)
         self.chat_template: str | None = md.get("tokenizer.chat_template")
+        self.architecture: str | None = md.get("general.architecture")
         self._merges = None if self.is_spm else _as_list(md.get("tokenizer.ggml.merges", []), "tokenizer.ggml.merges")
         if not self.is_spm and not self._merges:
             raise UnsupportedModelError(f"{name}: BPE vocabulary without tokenizer.ggml.merges")
@@ -543,10 +544,16 @@ class Tokenizer:
         template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render the GGUF's `tokenizer.chat_template` (or `template`) in a Jinja sandbox."""
-        from .chat_template import ChatTemplateError, render_chat_template
+        """Render the GGUF's `tokenizer.chat_template` (or `template`) in a Jinja sandbox.
+
+        A file without one gets llama.cpp's built-in format for its architecture, where llama.cpp
+        has one (`chat_template.BUILTIN_TEMPLATES`); otherwise `ChatTemplateError`.
+        """
+        from .chat_template import BUILTIN_TEMPLATES, ChatTemplateError, render_chat_template
 
         tpl = template if template is not None else self.chat_template
+        if tpl is None:
+            tpl = BUILTIN_TEMPLATES.get(self.architecture)
         if tpl is None:
             raise ChatTemplateError(f"{self.name}: no chat template (tokenizer.chat_template)")
         kwargs.setdefault("bos_token", self.bos_token)
