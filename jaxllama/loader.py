@@ -19,7 +19,7 @@ import numpy as np
 
 from . import runner
 from .gguf.config import LlamaConfig
-from .gguf.convert import Params, check_dtype, params_from_gguf
+from .gguf.convert import Params, check_weights, is_native, params_from_gguf
 from .gguf.default_model import default_model_path, sha256_file
 from .gguf.reader import read_gguf
 from .gguf.saved import is_saved, load_saved, save_params
@@ -50,8 +50,15 @@ class Model:
         return Tokenizer(self.metadata, name=str(self.source))
 
     @property
-    def dtype(self) -> str:
-        return str(self.params["params"]["token_embd"]["embedding"].dtype)
+    def weights(self) -> str:
+        """The weight layout: "native" (GGUF blocks kept), "float32" or "bfloat16"."""
+        embd = self.params["params"]["token_embd"]
+        layers = self.params["params"]["layers"]
+        if is_native(embd) or any(is_native(v) for v in layers.values()):
+            return "native"
+        return str(embd["embedding"].dtype)
+
+    dtype = weights  # its older name
 
     def _repr_html_(self) -> str:
         """Notebook view: the config and the parameter pytree (rendered by treescope)."""
@@ -85,19 +92,22 @@ class Model:
                            self.tensor_types)
 
 
-def load(model: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
+def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: str | None = None) -> Model:
     """Load a model: a GGUF path, a file written by `Model.save`, or None for the default model.
 
-    `dtype` ("float32" or "bfloat16") is how matrices and the embedding are stored; arithmetic
-    is float32 either way. Raises a `JaxLlamaError` subclass with a one-line message on bad input.
+    `weights` is how matrices and the embedding are held (arithmetic is float32 in every case):
+    "auto"/"native" keeps GGUF's quantized blocks (the same values as float32, a quarter of the
+    memory, faster decoding; see `gguf/convert.py`), "float32" dequantizes, "bfloat16" rounds
+    to bfloat16 (lossy). `dtype` is its older name. Raises a `JaxLlamaError` subclass with a
+    one-line message on bad input.
     """
-    check_dtype(dtype)
+    weights = check_weights(dtype if dtype is not None else weights)
     path = default_model_path() if model is None else Path(model)
     if is_saved(path):
-        s = load_saved(path, dtype)
+        s = load_saved(path, weights)
         return Model(s.config, s.params, s.metadata, s.source, s.source_sha256, s.tensor_types)
     f = read_gguf(path)
     config = LlamaConfig.from_gguf(f)
-    params = params_from_gguf(f, config, dtype)
+    params = params_from_gguf(f, config, weights)
     types = {name: t.type_name for name, t in f.tensors.items()}
     return Model(config, params, f.metadata, path, None, types)

@@ -20,7 +20,7 @@ from jax import lax
 from .tracing.actquant import fake_quant, ggml_gelu, q8_1_sum_correction
 from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
-from .gguf.convert import Params
+from .gguf.convert import Params, is_native, native_values
 from .tracing.probes import (
     ProbeSpec,
     capture_slots,
@@ -47,6 +47,38 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
         precision=lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,
     )
+
+
+GEMV_CHUNK = 2048  # activation floats per chunk: under XLA:CPU's 16 KiB limit for fusing into a dot
+
+
+def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
+    """`x [..., K] @ W.T` for a native leaf W `[N, K]` = scale * q (+ offset), in float32.
+
+    With one row (batch-1 decoding) the matrix is written so XLA:CPU fuses the dequantization
+    into the matrix-vector product and never builds W in float32: GGUF's `[N, K]` order, `x` of
+    shape (1, K) with K under 16 KiB of floats, longer K split into chunks whose partial sums an
+    optimization barrier keeps apart (REFERENCE §7). With more rows W is dequantized once per
+    call, which costs little next to the matrix product.
+    """
+    q = leaf["q"]
+    n, k = q.shape
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, k).astype(jnp.float32)
+    if rows.shape[0] > 1:
+        out = jnp.matmul(rows, native_values(leaf).T, precision=lax.Precision.HIGHEST)
+        return out.reshape(*lead, n)
+    sub = k // leaf["scale"].shape[-1]
+    step = max(sub, GEMV_CHUNK // sub * sub)
+    parts = []
+    for a in range(0, k, step):
+        b = min(a + step, k)
+        piece = {key: leaf[key][:, a // sub: b // sub] for key in ("scale", "offset") if key in leaf}
+        w = native_values({"q": q[:, a:b], **piece})
+        parts.append(jnp.matmul(rows[:, a:b], w.T, precision=lax.Precision.HIGHEST))
+    if len(parts) > 1:
+        parts = list(lax.optimization_barrier(tuple(parts)))
+    return sum(parts[1:], parts[0]).reshape(*lead, n)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -196,7 +228,13 @@ def block(
 
 def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> jax.Array:
     """Token embeddings `[B, T, D]` in float32 (times `embed_scale`, sqrt(d_model) for Gemma)."""
-    x = tap("inp_embd", jnp.take(p["token_embd"]["embedding"], tokens, axis=0).astype(jnp.float32))
+    leaf = p["token_embd"]
+    if is_native(leaf):  # gather the rows' blocks, then dequantize just those rows
+        rows = {k: jnp.take(v, tokens, axis=0) for k, v in leaf.items() if k in ("q", "scale", "offset")}
+        x = native_values(rows)
+    else:
+        x = jnp.take(leaf["embedding"], tokens, axis=0).astype(jnp.float32)
+    x = tap("inp_embd", x)
     if c.embed_scale != 1.0:
         x = tap("inp_scaled", x * np.float32(c.embed_scale))
     return x
@@ -207,7 +245,11 @@ def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], 
     x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
     leaf = dict(p.get("output", {}))
     if c.tied_output:
-        leaf["kernel"] = p["token_embd"]["embedding"].T
+        embd = p["token_embd"]
+        if is_native(embd):  # [V, D] is already the output matrix's [N, K]
+            leaf.update({k: v for k, v in embd.items() if k in ("q", "scale", "offset")})
+        else:
+            leaf["kernel"] = embd["embedding"].T
     return tap("result_output", project(x, leaf, aq.get("output")))
 
 
@@ -217,7 +259,8 @@ def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:
     With `act_kind`, activations take llama.cpp's round trip first (`actquant.fake_quant`); a
     Q4_1/Q5_1 leaf that also holds `mins` gets the block-sum correction of its Q8_1 dot product.
     """
-    out = dense(fake_quant(x, act_kind), leaf["kernel"])
+    xq = fake_quant(x, act_kind)
+    out = native_dense(xq, leaf) if is_native(leaf) else dense(xq, leaf["kernel"])
     if act_kind == "q8_1" and "mins" in leaf:
         out = out + dense(q8_1_sum_correction(x), leaf["mins"])
     if "bias" in leaf:

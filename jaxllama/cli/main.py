@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from ..errors import InvalidInputError, JaxLlamaError
+from ..gguf.convert import WEIGHTS as WEIGHT_CHOICES
 from ..tracing.probes import ALL_PROBES
 
 
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_arg(lg)
     lg.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,2,3 (no BOS is added)")
     lg.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the .npy array")
-    lg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    lg.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
+                    help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     tr = sub.add_parser("trace", help="statistics of every probe at every layer (rms, min, max, mean, NaN/Inf)")
     _model_arg(tr)
     _input_args(tr)
@@ -77,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="an interactive conversation using the file's chat template")
     _model_arg(chat)
     chat.add_argument("--system", help="a system message to start the conversation")
-    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    chat.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
+                    help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     add_sampling_args(chat)
     return ap
 
@@ -87,7 +90,8 @@ def _input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", help="text to tokenize with the model's tokenizer")
     g.add_argument("--tokens", help="comma-separated token ids (no BOS added)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    p.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
+                    help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
 
 
 def parse_layers(text: str | None, n_layer: int, what: str = "--layers") -> list[int] | None:
@@ -325,7 +329,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 def _load_model(args: argparse.Namespace) -> Any:
     from ..loader import load
 
-    return load(_model_path(args.model), dtype=args.dtype)
+    return load(_model_path(args.model), weights=args.weights)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

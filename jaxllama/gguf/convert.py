@@ -28,6 +28,13 @@ and, where the architecture and file have them (see `LlamaConfig`): `"bias"` lea
 
 Q and K rows keep GGUF's order (the HF->GGUF converter permuted Llama's so that RoPE rotates
 adjacent pairs). Norm scales and biases stay float32; matrices and the embedding take `dtype`.
+
+Weight layouts (`weights=`): "float32" and "bfloat16" hold matrices as above. "native" (the
+default) keeps each quantized GGUF matrix as its blocks, in GGUF's `[out, in]` order:
+`{"q": int8 [L, N, K], "scale": float32 [L, N, K/g], "offset": float32 [L, N, K/g]}` (offset
+only where the type has one), every value exactly `scale * q + offset`, i.e. exactly what the
+float32 layout holds, at a quarter of its size; the embedding likewise (`[V, D]`, which is also
+the tied output matrix). F32/F16/BF16 matrices stay float32 kernels in every layout.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .config import LlamaConfig
-from .dequant import KERNELS, dequantize_blocks, dequantize_numpy
+from .dequant import AFFINE, KERNELS, affine_blocks, dequantize_blocks, dequantize_numpy
 from ..errors import InvalidInputError, UnsupportedModelError
 from .reader import GGUFFile
 
@@ -53,6 +60,9 @@ LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_
 MATRICES = LAYER_MATRICES + ("output",)
 #: Storage dtypes of matrices and the embedding; arithmetic is float32 either way.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: Weight layouts: "native" keeps GGUF's quantized blocks (exact values, int8 + scales), the
+#: float ones dequantize. "auto" is the fastest exact layout: native.
+WEIGHTS = ("auto", "native", "float32", "bfloat16")
 
 
 def check_dtype(dtype: str) -> Any:
@@ -62,15 +72,48 @@ def check_dtype(dtype: str) -> Any:
     return DTYPES[dtype]
 
 
-def cast_params(params: Params, dtype: str) -> Params:
-    """`params` with every matrix kernel and the embedding stored as `dtype` (norms stay float32)."""
-    target = check_dtype(dtype)
+def check_weights(weights: str) -> str:
+    """The layout named `weights` ("auto" resolved), or `InvalidInputError` listing the valid ones."""
+    if weights not in WEIGHTS:
+        raise InvalidInputError(f"weights: must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    return "native" if weights == "auto" else weights
 
-    def cast(path: tuple, leaf: jax.Array) -> jax.Array:
-        name = getattr(path[-1], "key", None)
-        return leaf.astype(target) if name in ("kernel", "embedding") else leaf
 
-    return jax.tree_util.tree_map_with_path(cast, params)
+def native_values(leaf: Params) -> jax.Array:
+    """The float32 values `[..., N, K]` of a native leaf: scale * q (+ offset), exactly."""
+    q, scale = leaf["q"], leaf["scale"]
+    groups = scale.shape[-1]
+    v = scale[..., None] * q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).astype(jnp.float32)
+    if "offset" in leaf:
+        v = v + leaf["offset"][..., None]
+    return v.reshape(q.shape)
+
+
+def is_native(leaf: Any) -> bool:
+    return isinstance(leaf, dict) and "q" in leaf
+
+
+def convert_params(params: Params, weights: str) -> Params:
+    """`params` in layout `weights`: float layouts dequantize native leaves (exactly) and store
+    every kernel and the embedding as that dtype (norms and biases stay float32); "native"
+    keeps native leaves as they are (float leaves cannot be re-quantized exactly)."""
+    layout = check_weights(weights)
+    if layout == "native":
+        return params
+    target = DTYPES[layout]
+
+    def walk(node: Any, key: str | None) -> Any:
+        if is_native(node):
+            values = native_values(node)
+            rest = {k: v for k, v in node.items() if k not in ("q", "scale", "offset")}
+            if key == "token_embd":
+                return {**rest, "embedding": values.astype(target)}
+            return {**rest, "kernel": jnp.swapaxes(values, -1, -2).astype(target)}
+        if isinstance(node, dict):
+            return {k: (v.astype(target) if k in ("kernel", "embedding") else walk(v, k)) for k, v in node.items()}
+        return node
+
+    return walk(params, None)
 
 
 def tensor_table(c: LlamaConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -138,15 +181,49 @@ def _raw(f: GGUFFile, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     return values.view(np.uint8), GGMLQuantizationType.F32
 
 
-@partial(jax.jit, static_argnames=("spec", "dtype"))
-def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any) -> dict[str, jax.Array]:
-    """Dequantize, stack, transpose and cast everything in one compiled program.
+def _stack_native(parts: list[tuple[jax.Array, jax.Array, jax.Array | None]], order: list[int]) -> dict[str, jax.Array]:
+    """Affine parts of several layer groups -> one `{"q", "scale"[, "offset"]}` in layer order.
+
+    Groups of different types are brought to the finest group size (a scale repeated is the
+    same scale) and, if any has offsets, zero offsets for the others: every value is unchanged.
+    """
+    groups = max(p[1].shape[-1] for p in parts)
+    with_offset = any(p[2] is not None for p in parts)
+    qs, scales, offsets = [], [], []
+    for q, scale, offset in parts:
+        reps = groups // scale.shape[-1]
+        qs.append(q)
+        scales.append(jnp.repeat(scale, reps, axis=-1))
+        if with_offset:
+            offsets.append(jnp.zeros_like(scales[-1]) if offset is None else jnp.repeat(offset, reps, axis=-1))
+    back = jnp.argsort(jnp.array(order))
+
+    def join(xs: list[jax.Array]) -> jax.Array:
+        return xs[0] if len(xs) == 1 else jnp.concatenate(xs)[back]
+
+    out = {"q": join(qs), "scale": join(scales)}
+    if with_offset:
+        out["offset"] = join(offsets)
+    return out
+
+
+@partial(jax.jit, static_argnames=("spec", "dtype", "native"))
+def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: bool) -> dict[str, jax.Array]:
+    """Dequantize (or, with `native`, decompose into q/scale/offset), stack, transpose and cast
+    everything in one compiled program.
 
     Keys are '/'-joined parameter paths. `spec` holds, per path, `(kind, ((type, layer indices), ...))`; each group of
-    layers of one type is dequantized in one batch, then groups are put back in layer order.
+    layers of one type is converted in one batch, then groups are put back in layer order. A
+    native matrix stays in GGUF's `[out, in]` order; a float `kernel` is transposed to `[in, out]`.
     """
     out: Params = {}
     for path, kind, groups in spec:
+        if native and kind in ("kernel", "embedding") and all(t in AFFINE for t, _ in groups):
+            parts = [affine_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])]
+            stacked = _stack_native(parts, [i for _, layers in groups for i in layers])
+            base = path.rsplit("/", 1)[0]
+            out.update({f"{base}/{k}": v for k, v in stacked.items()})
+            continue
         parts, order = [], []
         for (ggml_type, layers), raw in zip(groups, raws[path]):
             parts.append(dequantize_blocks(raw, ggml_type))
@@ -160,9 +237,10 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any) -> dict[
     return out
 
 
-def params_from_gguf(f: GGUFFile, c: LlamaConfig, dtype: str = "float32") -> Params:
-    """Convert the tensors of `f` into the parameter pytree documented above."""
-    target = check_dtype(dtype)
+def params_from_gguf(f: GGUFFile, c: LlamaConfig, weights: str = "float32") -> Params:
+    """Convert the tensors of `f` into the parameter pytree documented above, in layout `weights`."""
+    layout = check_weights(weights)
+    target = DTYPES.get(layout, jnp.float32)
     _check_tensors(f, c)
     by_path: dict[tuple[str, ...], list[str]] = {}
     for name, (_, path) in tensor_table(c).items():
@@ -183,7 +261,7 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, dtype: str = "float32") -> Par
     # jit needs string keys in pytrees: key the inputs by the joined path.
     keyed = {"/".join(p): v for p, v in raws.items()}
     spec_keyed = tuple(("/".join(p), k, g) for p, k, g in spec)
-    flat = _convert(keyed, spec_keyed, target)
+    flat = _convert(keyed, spec_keyed, target, layout == "native")
     return _unflatten_paths(flat)
 
 

@@ -56,54 +56,70 @@ def _bf16(b: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(half, jnp.float32).reshape(b.shape[0], -1)
 
 
-def _q4_0(b: jax.Array) -> jax.Array:
-    q = _nibbles(b[:, 2:]).astype(jnp.int8) - jnp.int8(8)
-    return _f16(b[:, 0:2]) * q.astype(jnp.float32)
+# ---- quantized types as affine blocks ---------------------------------------------------------
+# Every quantized type below is `value = scale * q (+ offset)` per group of `sub` values, with
+# small integers q. `Affine` returns q as int8 `[n, groups, sub]` and float32 scale and offset
+# `[n, groups]`, computed with the same float32 operations as gguf.quants; `_values` applies them
+# in gguf.quants' order, so dequantization is bit for bit theirs, and the native weight layout
+# (`convert.py`) keeps q, scale and offset on device and gets exactly the same values.
+
+Affine = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]]
 
 
-def _q4_1(b: jax.Array) -> jax.Array:
-    q = _nibbles(b[:, 4:]).astype(jnp.float32)
-    return (_f16(b[:, 0:2]) * q) + _f16(b[:, 2:4])
+def _values(q: jax.Array, scale: jax.Array, offset: jax.Array | None) -> jax.Array:
+    """scale * q (+ offset) as float32 `[n, groups * sub]` (a - b and a + (-b) round alike)."""
+    v = scale[..., None] * q.astype(jnp.float32)
+    if offset is not None:
+        v = v + offset[..., None]
+    return v.reshape(q.shape[0], -1)
 
 
-def _q5_0(b: jax.Array) -> jax.Array:
+def _i8(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.int8)
+
+
+def _q4_0(b: jax.Array):
+    return _i8(_nibbles(b[:, 2:]).astype(jnp.int8) - jnp.int8(8))[:, None], _f16(b[:, 0:2]), None
+
+
+def _q4_1(b: jax.Array):
+    return _i8(_nibbles(b[:, 4:]))[:, None], _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _q5_0(b: jax.Array):
     q = (_nibbles(b[:, 6:]) | (_bits(b[:, 2:6], 32) << 4)).astype(jnp.int8) - jnp.int8(16)
-    return _f16(b[:, 0:2]) * q.astype(jnp.float32)
+    return q[:, None], _f16(b[:, 0:2]), None
 
 
-def _q5_1(b: jax.Array) -> jax.Array:
-    q = (_nibbles(b[:, 8:]) | (_bits(b[:, 4:8], 32) << 4)).astype(jnp.float32)
-    return (_f16(b[:, 0:2]) * q) + _f16(b[:, 2:4])
+def _q5_1(b: jax.Array):
+    q = _i8(_nibbles(b[:, 8:]) | (_bits(b[:, 4:8], 32) << 4))
+    return q[:, None], _f16(b[:, 0:2]), _f16(b[:, 2:4])
 
 
-def _q8_0(b: jax.Array) -> jax.Array:
-    x = lax.bitcast_convert_type(b[:, 2:], jnp.int8).astype(jnp.float32)
-    return x * _f16(b[:, 0:2])
+def _q8_0(b: jax.Array):
+    return lax.bitcast_convert_type(b[:, 2:], jnp.int8)[:, None], _f16(b[:, 0:2]), None
 
 
-def _q2_k(b: jax.Array) -> jax.Array:
+def _q2_k(b: jax.Array):
     n = b.shape[0]
     scales, qs, d, dmin = b[:, 0:16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
-    dl = (d * (scales & 0x0F).astype(jnp.float32))[:, :, None]
-    ml = (dmin * (scales >> 4).astype(jnp.float32))[:, :, None]
+    dl = d * (scales & 0x0F).astype(jnp.float32)
+    ml = dmin * (scales >> 4).astype(jnp.float32)
     q = (qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)) & 3
-    q = q.reshape(n, 16, 16).astype(jnp.float32)
-    return (dl * q - ml).reshape(n, 256)
+    return _i8(q.reshape(n, 16, 16)), dl, -ml
 
 
-def _q3_k(b: jax.Array) -> jax.Array:
+def _q3_k(b: jax.Array):
     n = b.shape[0]
     hmask, qs, scales, d = b[:, 0:32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
     low = (scales[:, 0:8].reshape(n, 1, 8) >> _shifts(0, 4).reshape(1, 2, 1)).reshape(n, 16)
     high = (scales[:, 8:12].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6).reshape(1, 4, 1)).reshape(n, 16)
     sc = (low & 0x0F) | ((high & 0x03) << 4)
     sc = (sc.astype(jnp.int8) - jnp.int8(32)).astype(jnp.float32)
-    dl = (d * sc)[:, :, None]
     ql = (qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)).reshape(n, 16, 16) & 3
     qh = (hmask.reshape(n, 1, 1, 32) >> jnp.arange(8, dtype=jnp.uint8).reshape(1, 1, 8, 1)).reshape(n, 16, 16)
     qh = (qh & 1) ^ 1  # ggml subtracts 4 where the mask bit is clear
-    q = (ql.astype(jnp.int8) - (qh << 2).astype(jnp.int8)).astype(jnp.float32)
-    return (dl * q).reshape(n, 256)
+    return ql.astype(jnp.int8) - (qh << 2).astype(jnp.int8), d * sc, None
 
 
 def _k_scale_min(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,43 +130,38 @@ def _k_scale_min(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sc, mn
 
 
-def _k_scaled(b: jax.Array, q: jax.Array) -> jax.Array:
-    """Shared tail of Q4_K and Q5_K: per-32 scale and min applied to q [n, 8, 32]."""
-    n = b.shape[0]
+def _k_scaled(b: jax.Array, q: jax.Array):
+    """Shared tail of Q4_K and Q5_K: per-32 scale and min for q [n, 8, 32]."""
     sc, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b[:, 0:2]) * sc.astype(jnp.float32))[:, :, None]
-    dm = (_f16(b[:, 2:4]) * mn.astype(jnp.float32))[:, :, None]
-    return (d * q.astype(jnp.float32) - dm).reshape(n, 256)
+    d = _f16(b[:, 0:2]) * sc.astype(jnp.float32)
+    dm = _f16(b[:, 2:4]) * mn.astype(jnp.float32)
+    return _i8(q), d, -dm
 
 
-def _q4_k(b: jax.Array) -> jax.Array:
+def _q4_k(b: jax.Array):
     n = b.shape[0]
     q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).reshape(1, 1, 2, 1)) & 0x0F
     return _k_scaled(b, q.reshape(n, 8, 32))
 
 
-def _q5_k(b: jax.Array) -> jax.Array:
+def _q5_k(b: jax.Array):
     n = b.shape[0]
     ql = (b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).reshape(1, 1, 2, 1)).reshape(n, 8, 32) & 0x0F
     qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> jnp.arange(8, dtype=jnp.uint8).reshape(1, 1, 8, 1)) & 1
     return _k_scaled(b, ql | (qh.reshape(n, 8, 32) << 4))
 
 
-def _q6_k(b: jax.Array) -> jax.Array:
+def _q6_k(b: jax.Array):
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
     scales = lax.bitcast_convert_type(b[:, 192:208], jnp.int8).astype(jnp.float32)
-    d = (_f16(b[:, 208:210]) * scales)[:, :, None]
     ql = (ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).reshape(1, 1, 2, 1)).reshape(n, 8, 32) & 0x0F
     qh = (qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)).reshape(n, 8, 32) & 0x03
-    q = ((ql | (qh << 4)).astype(jnp.int8) - jnp.int8(32)).reshape(n, 16, 16).astype(jnp.float32)
-    return (d * q).reshape(n, 256)
+    q = ((ql | (qh << 4)).astype(jnp.int8) - jnp.int8(32)).reshape(n, 16, 16)
+    return q, _f16(b[:, 208:210]) * scales, None
 
 
-KERNELS: dict[GGMLQuantizationType, Kernel] = {
-    T.F32: _f32,
-    T.F16: _f16_values,
-    T.BF16: _bf16,
+AFFINE: dict[GGMLQuantizationType, Affine] = {
     T.Q4_0: _q4_0,
     T.Q4_1: _q4_1,
     T.Q5_0: _q5_0,
@@ -161,6 +172,18 @@ KERNELS: dict[GGMLQuantizationType, Kernel] = {
     T.Q4_K: _q4_k,
     T.Q5_K: _q5_k,
     T.Q6_K: _q6_k,
+}
+
+
+def _from_affine(affine: Affine) -> Kernel:
+    return lambda b: _values(*affine(b))
+
+
+KERNELS: dict[GGMLQuantizationType, Kernel] = {
+    T.F32: _f32,
+    T.F16: _f16_values,
+    T.BF16: _bf16,
+    **{t: _from_affine(a) for t, a in AFFINE.items()},
 }
 
 
@@ -186,6 +209,19 @@ def dequantize_blocks(raw: jax.Array, ggml_type: GGMLQuantizationType) -> jax.Ar
     lead = raw.shape[:-1]
     values = KERNELS[ggml_type](raw.reshape(-1, size))
     return values.reshape(*lead, raw.shape[-1] // size * block)
+
+
+def affine_blocks(raw: jax.Array, ggml_type: GGMLQuantizationType) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Traceable: uint8 rows `[..., row_bytes]` of a quantized type -> `(q int8 [..., K],
+    scale float32 [..., K / sub], offset float32 [..., K / sub] or None)`, with every value equal
+    to `scale * q (+ offset)` bit for bit as `dequantize_blocks` computes it."""
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    lead = raw.shape[:-1]
+    q, scale, offset = AFFINE[ggml_type](raw.reshape(-1, size))
+    groups = raw.shape[-1] // size * scale.shape[-1]
+    q = q.reshape(*lead, raw.shape[-1] // size * block)
+    scale = scale.reshape(*lead, groups)
+    return q, scale, None if offset is None else offset.reshape(*lead, groups)
 
 
 def dequantize_numpy(raw: np.ndarray, ggml_type: GGMLQuantizationType, what: str = "tensor") -> np.ndarray:

@@ -20,7 +20,7 @@ from flax import serialization
 
 from ..errors import GGUFFormatError, JaxLlamaError
 from .config import LlamaConfig
-from .convert import Params, cast_params
+from .convert import Params, convert_params
 from .reader import GGUF_MAGIC
 
 SAVED_FORMAT = "jaxllama-params"
@@ -68,8 +68,8 @@ def is_saved(path: Path) -> bool:
     return head != GGUF_MAGIC and path.suffix == ".msgpack"
 
 
-def load_saved(path: Path, dtype: str = "float32") -> SavedModel:
-    """Read a file written by `save_params`, casting matrices to `dtype`. Raises `GGUFFormatError`."""
+def load_saved(path: Path, weights: str = "auto") -> SavedModel:
+    """Read a file written by `save_params`, in weight layout `weights`. Raises `GGUFFormatError`."""
     try:
         blob = serialization.msgpack_restore(path.read_bytes())
         if not isinstance(blob, dict) or blob.get("format") != SAVED_FORMAT:
@@ -77,7 +77,7 @@ def load_saved(path: Path, dtype: str = "float32") -> SavedModel:
         if blob.get("version") != SAVED_VERSION:
             raise GGUFFormatError(f"{path}: unsupported parameter file version {blob.get('version')!r}")
         config = LlamaConfig.from_dict(blob["config"])
-        params = cast_params(jax.tree.map(jnp.asarray, blob["params"]), dtype)
+        params = convert_params(jax.tree.map(jnp.asarray, blob["params"]), weights)
         source = blob["source"]
         return SavedModel(config, params, blob["metadata"], Path(source["path"]), source["sha256"],
                           blob["tensor_types"])

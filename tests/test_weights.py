@@ -1,0 +1,116 @@
+"""The native weight layout: GGUF's blocks kept on device as int8 q, scale and offset.
+
+It holds exactly the values the float32 layout holds (checked against gguf.quants, the numpy
+oracle and the float32 path), it is the default, and batch-1 decoding multiplies without ever
+building a float32 matrix (checked in the compiled program).
+"""
+
+import warnings
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxllama
+from jaxllama.generation import generate
+from jaxllama.gguf.convert import native_values
+from jaxllama.gguf.dequant import AFFINE, affine_blocks
+from jaxllama.model import forward_step, init_cache, native_dense
+from hlo_check import unfused
+from numpy_reference import reference_logits
+from test_model import TOKENS, VARIANTS
+
+T = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("t", list(AFFINE), ids=lambda t: t.name)
+def test_affine_blocks_hold_gguf_quants_values(t):
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    raw = np.random.default_rng(int(t)).integers(0, 256, size=(3, 8 * size), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = gguf.quants.dequantize(raw, t)
+    q, scale, offset = affine_blocks(jnp.asarray(raw), t)
+    assert q.dtype == jnp.int8 and q.shape == (3, 8 * block) and scale.dtype == jnp.float32
+    leaf = {"q": q, "scale": scale, **({} if offset is None else {"offset": offset})}
+    got = np.asarray(native_values(leaf))
+    finite = np.isfinite(want)
+    assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_native_equals_float32_and_the_numpy_oracle(tiny_factory, name):
+    path = tiny_factory(VARIANTS[name])
+    native, f32 = jaxllama.load(path), jaxllama.load(path, weights="float32")
+    a, b = native.logits(TOKENS), f32.logits(TOKENS)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale  # the same values, summed in another order
+    np.testing.assert_allclose(a, reference_logits(path, TOKENS), atol=4e-6 * scale, rtol=0)
+    one = [native.logits(TOKENS[:1]), f32.logits(TOKENS[:1])]  # the fused one-row product
+    assert np.abs(one[0] - one[1]).max() <= 1e-5 * scale
+
+
+def test_quantized_tiny_model_is_native_and_smaller(tiny_factory):
+    path = tiny_factory(VARIANTS["k-quants-mixed"])  # Q4_K with Q6_K, Q2_K, Q3_K, Q5_K layers
+    native, f32 = jaxllama.load(path), jaxllama.load(path, weights="float32")
+    assert native.weights == "native" and f32.weights == "float32"
+    nbytes = lambda m: sum(x.nbytes for x in jax.tree.leaves(m.params["params"]["layers"]))  # noqa: E731
+    assert nbytes(native) < 0.4 * nbytes(f32)
+    v = native.params["params"]["layers"]["attn_v"]  # Q4_K, and Q2_K (groups of 16, offsets) in layer 1
+    assert set(v) == {"q", "scale", "offset"} and v["scale"].shape[-1] == 256 // 16
+
+
+def test_default_model_native_matches_float32(default_gguf, default_model):
+    f32 = jaxllama.load(default_gguf, weights="float32")
+    assert default_model.weights == "native"  # the default: fastest exact layout
+    ids = default_model.tokenizer.encode("The history of the printing press begins in the fifteenth century")
+    a, b = default_model.logits(ids), f32.logits(ids)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    g = [generate(m, [ids], 24, stop_at_eog=False).tokens[0] for m in (default_model, f32)]
+    assert g[0] == g[1]
+
+
+def test_one_row_product_never_builds_the_float32_matrix(default_model):
+    """The compiled decode step holds no float32 copy of any layer matrix (XLA fused the
+    dequantization into the matrix-vector products)."""
+    m = default_model
+    cache = init_cache(m.config, 1, 64)
+    step = jax.jit(forward_step, static_argnames=("config",))
+    text = unfused(step.lower(m.params, jnp.zeros((1, 1), jnp.int32), cache, jnp.int32(3), jnp.zeros(1, jnp.int32),
+                              m.config).compile().as_text())
+    for shape in ("f32[576,576]", "f32[192,576]", "f32[1536,576]", "f32[576,1536]", "f32[49152,576]"):
+        assert shape not in text, shape
+    leaf = {k: v[0] for k, v in m.params["params"]["layers"]["ffn_up"].items()}  # [1536, 576], with offsets
+    for rows, built in ((1, False), (2, True)):  # the control: with two rows the matrix is built
+        text = unfused(jax.jit(native_dense).lower(jnp.zeros((rows, 576)), leaf).compile().as_text())
+        assert ("f32[1536,576]" in text) == built
+
+
+def test_long_rows_are_split_and_still_exact():
+    """K above the fusion limit is cut into chunks; the result is the plain product's."""
+    rng = np.random.default_rng(0)
+    k = 5632  # TinyLlama's ffn_down
+    leaf = {"q": jnp.asarray(rng.integers(-8, 8, size=(64, k)), jnp.int8),
+            "scale": jnp.asarray(rng.random((64, k // 32)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
+    want = np.asarray(x, np.float64) @ np.asarray(native_values(leaf), np.float64).T
+    got = np.asarray(jax.jit(native_dense)(x, leaf))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_saved_native_model_round_trips_and_converts(tiny_factory, tmp_path):
+    path = tiny_factory(VARIANTS["gqa-q8_0-untied"])
+    native = jaxllama.load(path)
+    saved = native.save(tmp_path / "m.msgpack")
+    again = jaxllama.load(saved)
+    assert again.weights == "native"
+    np.testing.assert_array_equal(again.logits(TOKENS), native.logits(TOKENS))
+    as_float = jaxllama.load(saved, weights="float32")
+    np.testing.assert_array_equal(as_float.logits(TOKENS), jaxllama.load(path, weights="float32").logits(TOKENS))
+
+
+def test_bad_weights_name(tiny_gguf):
+    with pytest.raises(jaxllama.InvalidInputError, match="weights: must be one of auto, native, float32, bfloat16"):
+        jaxllama.load(tiny_gguf, weights="int4")
