@@ -23,6 +23,7 @@ from .generation import Generation, Sampler, generate, stream
 from .gguf import GGUFFile, LlamaConfig, TensorInfo, dequantize, params_from_gguf, read_gguf
 from .loader import Model, load
 from .model import forward, forward_capture, forward_jit
+from .runner import use_compilation_cache
 from .reference import Comparison, ReferenceUnavailableError, compare
 from .text import ChatTemplateError, StreamDecoder, Tokenizer, load_tokenizer
 from .tracing import GLOBAL_PROBES, LAYER_PROBES, Intervention, ProbeSpec, Recorder, interventions, trace
@@ -71,4 +72,5 @@ __all__ = [
     "sampling",
     "stream",
     "trace",
+    "use_compilation_cache",
 ]

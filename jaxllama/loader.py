@@ -101,7 +101,7 @@ def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: s
     to bfloat16 (lossy). `dtype` is its older name. Raises a `JaxLlamaError` subclass with a
     one-line message on bad input.
     """
-    weights = check_weights(dtype if dtype is not None else weights)
+    weights = check_weights(weights) if dtype is None else check_weights(dtype, "dtype")
     path = default_model_path() if model is None else Path(model)
     if is_saved(path):
         s = load_saved(path, weights)

@@ -7,7 +7,9 @@ masked call, and the innermost `jaxllama.trace()` recorder, if any, chooses the 
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -15,8 +17,29 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .gguf.config import LlamaConfig
+from .gguf.default_model import cache_dir
 from .model import forward_capture_jit
 from .tracing.recorder import active_recorder
+
+
+def use_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Keep compiled programs in JAX's persistent cache (default: `<jaxllama cache>/xla`), so a
+    new process skips compiling what an earlier one compiled. The CLI turns it on; a user who
+    configured `jax_compilation_cache_dir` keeps theirs. Returns the directory in use."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current and path is None:
+        return Path(current)
+    directory = Path(path) if path is not None else cache_dir() / "xla"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: compile as usual
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
 
 
 def check_tokens(tokens: Sequence[int] | np.ndarray, c: LlamaConfig, what: str = "tokens") -> np.ndarray:

@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
+import jaxllama
 from jaxllama.gguf.dequant import KERNELS, dequantize, supported_types
 
 T = gguf.GGMLQuantizationType
@@ -51,10 +52,10 @@ def test_fallback_types_match_gguf(name):
     np.testing.assert_array_equal(out, ref)
 
 
-def test_default_model_params_equal_gguf_dequantization(default_gguf, default_model):
+def test_default_model_params_equal_gguf_dequantization(default_gguf):
     """Every tensor of the default model, stacked/transposed into the pytree, equals gguf.quants."""
     r = gguf.GGUFReader(default_gguf)
-    p = default_model.params["params"]
+    p = jaxllama.load(default_gguf, weights="float32").params["params"]
     for t in r.tensors:
         ref = _oracle(t.data, t.tensor_type)
         name = t.name.removesuffix(".weight")
@@ -76,7 +77,7 @@ def test_bfloat16_params_are_rounded_float32(tiny_factory):
     from tiny_models import TinySpec
 
     path = tiny_factory(TinySpec(matrix_type=T.Q8_0))
-    f32 = jaxllama.load(path).params["params"]
+    f32 = jaxllama.load(path, weights="float32").params["params"]
     bf16 = jaxllama.load(path, dtype="bfloat16").params["params"]
     k32, k16 = f32["layers"]["ffn_up"]["kernel"], bf16["layers"]["ffn_up"]["kernel"]
     assert k16.dtype == jnp.bfloat16

@@ -49,7 +49,7 @@ def test_config_read_from_metadata(tiny_factory):
 
 
 def test_param_pytree_layout(tiny_factory):
-    m = jaxllama.load(tiny_factory(VARIANTS["gqa-q8_0-untied"]))
+    m = jaxllama.load(tiny_factory(VARIANTS["gqa-q8_0-untied"]), weights="float32")
     shapes = jax.tree.map(lambda a: a.shape, m.params)
     L, D, F, V = 2, 64, 128, 96
     assert shapes["params"]["layers"]["attn_q"]["kernel"] == (L, D, 64)

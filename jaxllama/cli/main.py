@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from ..errors import InvalidInputError, JaxLlamaError
 from ..gguf.convert import WEIGHTS as WEIGHT_CHOICES
+from ..runner import use_compilation_cache
 from ..tracing.probes import ALL_PROBES
 
 
@@ -82,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
                     help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     add_sampling_args(chat)
+    bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
+    from ..benchmark import add_arguments
+
+    add_arguments(bench)
     return ap
 
 
@@ -340,12 +345,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return cmd_chat(args, _load_model)
 
 
-COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits, "trace": _cmd_trace, "compare": _cmd_compare,
-            "tokenize": _cmd_tokenize}
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..benchmark import parse_sections, run
+
+    sections = parse_sections(args.only)
+    result = run(_model_path(args.model), sections, args.repeats, args.threads, args.decode_tokens)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits,
+            "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    use_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except JaxLlamaError as e:

@@ -72,10 +72,10 @@ def check_dtype(dtype: str) -> Any:
     return DTYPES[dtype]
 
 
-def check_weights(weights: str) -> str:
+def check_weights(weights: str, what: str = "weights") -> str:
     """The layout named `weights` ("auto" resolved), or `InvalidInputError` listing the valid ones."""
     if weights not in WEIGHTS:
-        raise InvalidInputError(f"weights: must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+        raise InvalidInputError(f"{what}: must be one of {', '.join(WEIGHTS)}, not {weights!r}")
     return "native" if weights == "auto" else weights
 
 

@@ -1,0 +1,354 @@
+"""`jaxllama bench` (also `tools/bench.py`): jaxllama next to llama.cpp on one GGUF, as JSON.
+
+Each section runs our side and llama.cpp's (same file, same thread count) in one process tree,
+repeats, and reports medians and ratios (ours / llama.cpp, higher is better for jaxllama). The
+machine (CPU model, instruction sets, cores) is printed with them: machines differ, so only
+ratios measured in one run compare. Sections (`--only a,b`):
+
+  load      GGUF -> parameters, per weight layout (warm, median), and peak RSS of a load
+  prefill   tokens/s of a 128- and 512-token forward (logits for every position on both sides)
+  decode    greedy tokens/s at batch 1 and the total of 8 rows in one batch (llama.cpp: 8
+            sequences in one batch through its low-level API)
+  fill      decode tokens/s with 128, 1,024 and 4,096 tokens in a cache of 4,352 slots
+  latency   process start to the first generated token of `jaxllama generate --chat` (warm
+            caches) next to llama-cpp-python's start to its whole 30-token chat answer
+  memory    peak RSS of a process that loads the model and decodes 64 tokens, per layout
+  tracing   cost of statistics of every probe at every layer
+  tokenize  1 MB of text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ISA = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
+SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize")
+LAYOUTS = ("native", "float32")
+CHAT = "Write one sentence about the sea."
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    """Median wall time of `repeats` calls, and all of them."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and instruction sets (machines of this kind differ), cores, jax and its backend."""
+    import jax
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": model, "isa": [f for f in ISA if f in flags], "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return round(ours / theirs, 2) if theirs else float("nan")
+
+
+def bench_load(path: Path, repeats: int) -> dict[str, Any]:
+    import jax
+
+    import jaxllama
+
+    out: dict[str, Any] = {}
+    for layout in LAYOUTS:
+        jax.block_until_ready(jaxllama.load(path, weights=layout).params)  # compile the conversion
+        med, _ = timed(lambda: jax.block_until_ready(jaxllama.load(path, weights=layout).params), repeats)
+        out[f"{layout}_warm_s"] = round(med, 3)
+    out["peak_rss_mb"] = {layout: _child_rss(path, "load", layout) for layout in LAYOUTS}
+    out["baseline_rss_mb"] = _child_rss(path, "baseline", "native")
+    return out
+
+
+def bench_prefill(models: dict, path: Path, repeats: int, threads: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from .model import forward_jit
+    from .reference import LlamaCpp
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    with LlamaCpp(path, n_ctx=512, n_threads=threads) as ref:
+        for n in (128, 512):
+            tokens = rng.integers(0, ref.n_vocab, size=n).tolist()
+            ref.logits(tokens)
+            theirs, _ = timed(lambda: ref.logits(tokens), repeats)
+            row: dict[str, Any] = {"llama_cpp": round(n / theirs, 1)}
+            for layout, m in models.items():
+                batch = jnp.asarray([tokens], jnp.int32)
+                jax.block_until_ready(forward_jit(m.params, batch, m.config))
+                ours, _ = timed(lambda: jax.block_until_ready(forward_jit(m.params, batch, m.config)), repeats)
+                row[layout] = round(n / ours, 1)
+                row[f"{layout}_ratio"] = _ratio(n / ours, n / theirs)
+            out[str(n)] = row
+    return out
+
+
+def _llama_decode(ref: Any, prompts: list[list[int]], n_new: int) -> float:
+    """llama.cpp greedy decoding of several sequences in one batch per step; total tokens/s."""
+    ref.clear()
+    lengths = [len(p) for p in prompts]
+    ref.decode([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
+               [s for s, p in enumerate(prompts) for _ in p], [i == len(p) - 1 for p in prompts for i in range(len(p))])
+    last = [int(np.argmax(ref.output_logits(s))) for s in range(len(prompts))]
+    t = time.perf_counter()
+    for step in range(n_new - 1):
+        ref.decode(last, [n + step for n in lengths], range(len(prompts)), [True] * len(prompts))
+        last = [int(np.argmax(ref.output_logits(s))) for s in range(len(prompts))]
+    return len(prompts) * (n_new - 1) / (time.perf_counter() - t)
+
+
+def bench_decode(models: dict, path: Path, repeats: int, threads: int, n_new: int) -> dict[str, Any]:
+    from .generation import Sampler, generate
+    from .reference import LlamaCpp
+
+    greedy = Sampler(temperature=0.0)
+    any_model = next(iter(models.values()))
+    prompt = any_model.tokenizer.encode("The history of the printing press begins in the fifteenth century")
+    rows = [prompt[: 4 + 2 * i] for i in range(8)]
+    out: dict[str, Any] = {"new_tokens": n_new}
+    with LlamaCpp(path, n_ctx=8 * 128, n_threads=threads, n_seq=8) as ref:
+        _llama_decode(ref, [prompt], n_new)
+        out["llama_cpp_batch1"] = round(statistics.median(_llama_decode(ref, [prompt], n_new) for _ in range(repeats)), 1)
+        _llama_decode(ref, rows, n_new)
+        out["llama_cpp_batch8_total"] = round(statistics.median(_llama_decode(ref, rows, n_new) for _ in range(repeats)), 1)
+    for layout, m in models.items():
+        for name, batch in (("batch1", [prompt]), ("batch8_total", rows)):
+            generate(m, batch, n_new, greedy, stop_at_eog=False)  # compile
+            rate = statistics.median(generate(m, batch, n_new, greedy, stop_at_eog=False).decode_tok_s
+                                     for _ in range(repeats))
+            out[f"{layout}_{name}"] = round(rate, 1)
+            out[f"{layout}_{name}_ratio"] = _ratio(rate, out[f"llama_cpp_{name}"])
+    return out
+
+
+def bench_fill(model: Any, repeats: int) -> dict[str, Any]:
+    """Decode speed with `fill` tokens already in a cache sized for 4,352: the cost should follow
+    the filled length, not the cache size."""
+    from .generation import Sampler, stream
+
+    rng = np.random.default_rng(2)
+    out: dict[str, Any] = {"cache_slots": 4352}
+
+    def rate(prompt: list[int], n_new: int) -> float:
+        t: dict[str, float] = {}
+        for i, _ in enumerate(stream(model, prompt, n_new, Sampler(temperature=0.0), stop_at_eog=False, timings=t)):
+            if i == 16:
+                break
+        return t["steps"] / t["decode_s"]
+
+    for fill in (128, 1024, 4096):
+        prompt = rng.integers(0, model.config.vocab_size, size=fill).tolist()
+        n_new = 4352 - fill  # the same cache size for every fill
+        rate(prompt, n_new)
+        out[str(fill)] = round(statistics.median(rate(prompt, n_new) for _ in range(repeats)), 1)
+    return out
+
+
+def _child(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _child_rss(path: Path, what: str, layout: str) -> float:
+    """Peak RSS (MB) of a fresh process that only does `what` (see `_child_main`)."""
+    done = _child(["-m", "jaxllama.benchmark", "--child", what, "--weights", layout, "--model", str(path)])
+    if done.returncode:
+        raise RuntimeError(f"benchmark child {what} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def bench_memory(path: Path) -> dict[str, Any]:
+    out = {"gguf_mb": round(path.stat().st_size / 2**20, 1), "baseline_rss_mb": _child_rss(path, "baseline", "native")}
+    for layout in LAYOUTS:
+        out[f"{layout}_decode_peak_rss_mb"] = _child_rss(path, "decode", layout)
+        out[f"{layout}_over_baseline_mb"] = round(out[f"{layout}_decode_peak_rss_mb"] - out["baseline_rss_mb"], 1)
+    out["native_over_baseline_per_gguf"] = round(out["native_over_baseline_mb"] / out["gguf_mb"], 2)
+    return out
+
+
+def bench_latency(path: Path, repeats: int) -> dict[str, Any]:
+    """Process start to the first generated token (ours, warm caches) and to llama-cpp-python's
+    whole 30-token chat answer (import, load, prompt, answer)."""
+    ours_cmd = ["-m", "jaxllama", "generate", "--model", str(path), "--prompt", CHAT, "--chat",
+                "--temperature", "0", "--max-new-tokens", "30"]
+    theirs_code = (
+        "import sys, llama_cpp\n"
+        "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, verbose=False)\n"
+        "out = llm.create_chat_completion([{'role': 'user', 'content': sys.argv[2]}], max_tokens=30, temperature=0)\n"
+    )
+
+    def first_token() -> float:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, *ours_cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        proc.stdout.read(1)  # the first byte of streamed text
+        elapsed = time.perf_counter() - t
+        proc.communicate()
+        return elapsed
+
+    def whole(cmd: list[str]) -> float:
+        t = time.perf_counter()
+        done = _child(cmd)
+        if done.returncode:
+            raise RuntimeError(f"{cmd[:3]} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return time.perf_counter() - t
+
+    first_token()  # fill the compilation cache
+    ours = statistics.median(first_token() for _ in range(repeats))
+    ours_whole = statistics.median(whole(ours_cmd) for _ in range(repeats))
+    theirs = statistics.median(whole(["-c", theirs_code, str(path), CHAT]) for _ in range(repeats))
+    return {"jaxllama_first_token_s": round(ours, 2), "jaxllama_whole_answer_s": round(ours_whole, 2),
+            "llama_cpp_whole_answer_s": round(theirs, 2), "ratio_first_token_to_llama_cpp": round(ours / theirs, 2)}
+
+
+def bench_tracing(model: Any, repeats: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from .model import forward_jit
+    from .tracing.probes import RECEIVERS, ProbeSpec
+
+    rng, out = np.random.default_rng(1), {}
+    sink = lambda layer, stats, positions, valid: None  # noqa: E731
+    RECEIVERS.push(sink)
+    try:
+        for n in (128, 512):
+            batch = jnp.asarray([rng.integers(0, model.config.vocab_size, size=n).tolist()], jnp.int32)
+            spec = ProbeSpec(stats=model.config.probe_order)
+
+            def traced() -> None:
+                jax.block_until_ready(forward_jit(model.params, batch, model.config, probes=spec))
+                jax.effects_barrier()
+
+            def plain() -> None:
+                jax.block_until_ready(forward_jit(model.params, batch, model.config))
+
+            traced(), plain()
+            on, _ = timed(traced, repeats)
+            off, _ = timed(plain, repeats)
+            out[str(n)] = {"off_s": round(off, 4), "all_probes_s": round(on, 4), "ratio": round(on / off, 3)}
+    finally:
+        RECEIVERS.remove(sink)
+    return out
+
+
+def bench_tokenize(model: Any, path: Path, repeats: int) -> dict[str, Any]:
+    from .reference import LlamaCpp
+
+    text = (Path(__file__).resolve().parent / "model.py").read_text()
+    text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
+    tok = model.tokenizer
+    ours, _ = timed(lambda: tok.encode(text, add_special=False), repeats)
+    with LlamaCpp(path, n_ctx=16) as ref:
+        theirs, _ = timed(lambda: ref.tokenize(text), repeats)
+    return {"jaxllama_s": round(ours, 3), "llama_cpp_s": round(theirs, 3), "ratio": _ratio(theirs, ours)}
+
+
+def _child_main(what: str, layout: str, path: Path) -> None:
+    """One isolated measurement in this process; prints its peak RSS as JSON."""
+    import jax
+
+    import jaxllama
+
+    jax.numpy.zeros(1).block_until_ready()
+    if what in ("load", "decode"):
+        model = jaxllama.load(path, weights=layout)
+        jax.block_until_ready(model.params)
+        if what == "decode":
+            from .generation import generate
+
+            generate(model, [model.tokenizer.encode("The history of the printing press")], 64, stop_at_eog=False)
+    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decode_tokens: int) -> dict[str, Any]:
+    """Every requested section, as one JSON-ready dict."""
+    import jaxllama
+
+    r: dict[str, Any] = {"model": str(path), "machine": machine(), "threads": threads, "repeats": repeats,
+                         "ratios": "ours / llama.cpp (throughput), llama.cpp / ours (time): > 1 means jaxllama is faster"}
+    models = {layout: jaxllama.load(path, weights=layout) for layout in LAYOUTS}
+    if "load" in sections:
+        r["load"] = bench_load(path, repeats)
+    if "prefill" in sections:
+        r["prefill_tok_s"] = bench_prefill(models, path, repeats, threads)
+    if "decode" in sections:
+        r["decode_tok_s"] = bench_decode(models, path, repeats, threads, decode_tokens)
+    if "fill" in sections:
+        r["decode_tok_s_by_fill"] = bench_fill(models["native"], repeats)
+    if "tracing" in sections:
+        r["tracing"] = bench_tracing(models["native"], repeats)
+    if "tokenize" in sections:
+        r["tokenize_1mb"] = bench_tokenize(models["native"], path, repeats)
+    del models
+    if "memory" in sections:
+        r["memory"] = bench_memory(path)
+    if "latency" in sections:
+        r["latency"] = bench_latency(path, repeats)
+    return r
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", metavar="PATH", help="GGUF file (default: the default model)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per measurement; medians are reported (5)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for llama.cpp (all cores)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode measurement (64)")
+    ap.add_argument("--only", help=f"comma-separated sections (default: all): {', '.join(SECTIONS)}")
+
+
+def parse_sections(text: str | None) -> tuple[str, ...]:
+    from .errors import InvalidInputError
+
+    if text is None:
+        return SECTIONS
+    chosen = tuple(s.strip() for s in text.split(","))
+    bad = [s for s in chosen if s not in SECTIONS]
+    if bad:
+        raise InvalidInputError(f"--only: unknown section {bad[0]!r}; sections: {', '.join(SECTIONS)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jaxllama bench", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", default="native", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    from .gguf.default_model import default_model_path
+
+    path = Path(args.model) if args.model else default_model_path()
+    if args.child:
+        _child_main(args.child, args.weights, path)
+        return 0
+    print(json.dumps(run(path, parse_sections(args.only), args.repeats, args.threads, args.decode_tokens), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
