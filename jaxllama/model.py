@@ -9,7 +9,7 @@ weight dtype; matrix products use full float32 precision on every backend.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,16 +81,76 @@ def apply_rope(x: jax.Array, angles: jax.Array, rope_dim: int) -> jax.Array:
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, c: LlamaConfig) -> jax.Array:
-    """Grouped-query attention. q `[B, T, H, d]`, k/v `[B, S, K, d]`, mask `[B, T, S]` -> `[B, T, H*d]`."""
+ATTN_BLOCK = 512  # queries and keys per attention block: memory grows linearly with the length
+
+
+class Visibility(NamedTuple):
+    """Which keys each query sees: key slot s is visible to query t of row b iff
+    `s <= q_slot[b, t]` and `key_ok[b, s]`. Stands in for a `[B, T, S]` mask, so the mask is
+    never materialised."""
+
+    q_slot: jax.Array  # [B, T] int: the cache slot of each query (the causal limit)
+    key_ok: jax.Array  # [B, S] bool: False at padding
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: LlamaConfig,
+              block: int = ATTN_BLOCK) -> jax.Array:
+    """Grouped-query attention. q `[B, T, H, d]`, k/v `[B, S, K, d]` -> `[B, T, H*d]`.
+
+    Computed blockwise with an online softmax (float32 running max, sum and output), so scores
+    exist only as `[B, K, G, block, block]` tiles: peak memory grows linearly with T and S, not
+    as T * S. Key blocks after the last query slot of a query block are skipped (causality).
+    Up to `block` queries and keys it is one tile: the plain softmax, normalised after `@ v`.
+    """
     b, t = q.shape[:2]
+    s = k.shape[1]
+    nq, nk = -(-t // block), -(-s // block)
+    qb, kb = -(-t // nq), -(-s // nk)  # balanced blocks: little padding
     q = q.reshape(b, t, c.n_head_kv, c.n_group, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=lax.Precision.HIGHEST)
-    scores = scores * np.float32(1.0 / np.sqrt(c.head_dim))
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
-    return out.reshape(b, t, c.n_head * c.head_dim)
+    q_slot, key_ok = vis.q_slot, vis.key_ok
+    if nq * qb != t:  # padded queries see nothing; their rows are dropped below
+        q = jnp.pad(q, ((0, 0), (0, nq * qb - t), (0, 0), (0, 0), (0, 0)))
+        q_slot = jnp.pad(q_slot, ((0, 0), (0, nq * qb - t)), constant_values=-1)
+    if nk * kb != s:
+        k = jnp.pad(k, ((0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
+        key_ok = jnp.pad(key_ok, ((0, 0), (0, nk * kb - s)))
+    scale = np.float32(1.0 / np.sqrt(c.head_dim))
+
+    def tile(j, carry, q_blk, slot_blk):
+        """Fold key block j into the running (max, sum, output) of one query block."""
+        m, l, acc = carry
+        k_blk = lax.dynamic_slice_in_dim(k, j * kb, kb, axis=1)
+        v_blk = lax.dynamic_slice_in_dim(v, j * kb, kb, axis=1)
+        ok = lax.dynamic_slice_in_dim(key_ok, j * kb, kb, axis=1)
+        keys = j * kb + jnp.arange(kb)
+        seen = (keys[None, None, :] <= slot_blk[:, :, None]) & ok[:, None, :]  # [B, qb, kb]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, precision=lax.Precision.HIGHEST) * scale
+        scores = jnp.where(seen[:, None, None], scores, MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p, v_blk, precision=lax.Precision.HIGHEST)
+        return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv
+
+    def query_block(q_blk: jax.Array, slot_blk: jax.Array) -> jax.Array:
+        shape = (b, c.n_head_kv, c.n_group, qb)
+        init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros((*shape, c.head_dim), jnp.float32))
+        if nk == 1:
+            m, l, acc = tile(0, init, q_blk, slot_blk)
+        else:  # only the key blocks up to the block's last query slot
+            last = jnp.clip(slot_blk.max() // kb + 1, 1, nk)
+            m, l, acc = lax.fori_loop(0, last, lambda j, cr: tile(j, cr, q_blk, slot_blk), init)
+        return acc / l[..., None]  # [B, K, G, qb, d]
+
+    if nq == 1:
+        out = query_block(q, q_slot)[None]
+    else:
+        q_blocks = q.reshape(b, nq, qb, *q.shape[2:]).swapaxes(0, 1)
+        out = lax.map(lambda xs: query_block(*xs), (q_blocks, q_slot.reshape(b, nq, qb).swapaxes(0, 1)))
+    out = jnp.einsum("nbkgtd->bntkgd", out).reshape(b, nq * qb, c.n_head * c.head_dim)
+    return out[:, :t]
 
 
 Tap = Callable[[str, jax.Array], jax.Array]
@@ -105,7 +165,7 @@ def block(
     x: jax.Array,
     p: Params,
     angles: jax.Array,
-    mask: jax.Array,
+    vis: Visibility,
     c: LlamaConfig,
     tap: Tap = no_tap,
     act_quant: Mapping[str, str | None] | None = None,
@@ -117,7 +177,7 @@ def block(
     which may record it or replace it. `act_quant` maps a matrix name to the llama.cpp
     activation type to emulate in front of it (see `actquant`). With `kv = (cache_k,
     cache_v, start)` (caches `[B, S, K, d]`), this step's keys and values are written at slot
-    `start` and attention reads the whole cache (`mask` is then `[B, T, S]`). Returns the new
+    `start` and attention reads the whole cache (`vis` then covers S slots). Returns the new
     residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
@@ -138,7 +198,7 @@ def block(
             lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1),
         )
         k, v = cache
-    a = tap("kqv_out", attention(q, k, v, mask, c))
+    a = tap("kqv_out", attention(q, k, v, vis, c))
     x = tap("ffn_inp", x + tap("attn_out", mm("attn_output", a)))
     h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
     gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
@@ -172,20 +232,20 @@ def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:
     return out
 
 
-def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Positions `[B, T]` and the causal attention mask `[B, T, S]`.
+def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, Visibility]:
+    """Positions `[B, T]` and the causal visibility of keys (see `Visibility`).
 
     With `valid` (`[B, T]` bool, False at padding, left or right), positions count only
     valid tokens and padding is never attended to, so each row gets the logits it would
     get alone; logits at padded positions are meaningless.
     """
     b, t = tokens.shape
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     if valid is None:
-        return jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(causal, (b, t, t))
+        return slots, Visibility(slots, jnp.ones((b, t), bool))
     valid = valid.astype(bool)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    return positions, causal & valid[:, None, :]
+    return positions, Visibility(slots, valid)
 
 
 def forward(
@@ -227,7 +287,7 @@ def forward_capture(
     c = config
     spec = probes or ProbeSpec()
     aq = dict(act_quant or ())
-    positions, mask = positions_and_mask(tokens, valid)
+    positions, vis = positions_and_mask(tokens, valid)
     valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
     angles = rope_angles(positions, c, freq_factors)
@@ -248,7 +308,7 @@ def forward_capture(
         x, bufs = carry
         lp, layer = xs
         seen: dict[str, jax.Array] = {}
-        x, _ = block(x, lp, angles, mask, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
+        x, _ = block(x, lp, angles, vis, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
         emit_stats(spec, layer, seen, valid_rows, LAYER_PROBES)
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
@@ -264,6 +324,30 @@ def forward_capture(
     emit_stats(spec, jnp.int32(-1), glob, valid_rows, GLOBAL_PROBES)
     captures = {**bufs, **{n: glob[n] for n in spec.capture if n in GLOBAL_PROBES}}
     return logits, captures
+
+
+def forward_hidden(
+    params: Params,
+    tokens: jax.Array,
+    config: LlamaConfig,
+    valid: jax.Array | None = None,
+    act_quant: tuple[tuple[str, str | None], ...] | None = None,
+) -> jax.Array:
+    """The residual stream after the last layer `[B, T, D]`: `forward` without the head.
+
+    Scoring applies `head` to the positions it needs, a block at a time, so no `[B, T, vocab]`
+    array is built; same numbers as `forward` (no probes here).
+    """
+    p = params["params"]
+    c = config
+    aq = dict(act_quant or ())
+    positions, vis = positions_and_mask(tokens, valid)
+    angles = rope_angles(positions, c, p["rope"]["freq_factors"] if c.has_rope_freqs else None)
+
+    def body(x, lp):
+        return block(x, lp, angles, vis, c, no_tap, aq)[0], None
+
+    return lax.scan(body, embed(p, tokens), p["layers"])[0]
 
 
 def forward_step(
@@ -290,14 +374,13 @@ def forward_step(
     s = cache["k"].shape[2]
     slots = start + jnp.arange(t)
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    keys = jnp.arange(s)
-    mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+    vis = Visibility(jnp.broadcast_to(slots, (b, t)), jnp.arange(s)[None, :] >= pad[:, None])
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
     angles = rope_angles(positions, c, freq_factors)
 
     def body(x, xs):
         lp, ck, cv = xs
-        x, (ck, cv) = block(x, lp, angles, mask, c, no_tap, aq, (ck, cv, start))
+        x, (ck, cv) = block(x, lp, angles, vis, c, no_tap, aq, (ck, cv, start))
         return x, (ck, cv)
 
     x, (k, v) = lax.scan(body, embed(p, tokens), (p["layers"], cache["k"], cache["v"]))
