@@ -1,5 +1,6 @@
 """The `jaxllama` command line: the parser, error handling and the inspection commands
-(info, logits, tokenize, trace, compare); generation lives in `cli.generate`.
+(info, logits, tokenize, trace, compare); generation lives in `cli.generate`, scoring
+(perplexity, kl-divergence) in `cli.score`.
 
 Every failure is one line on stderr and a non-zero exit: 2 for usage errors, 1 for bad
 input or files; an unexpected internal error prints one line too (exit 3), with the
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .generate import add_sampling_args, cmd_chat, cmd_generate
+from .score import add_score_parsers, cmd_kl_divergence, cmd_perplexity
 from ..errors import InvalidInputError, JaxLlamaError
 from ..tracing.probes import ORDER
 
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message to start the conversation")
     chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     add_sampling_args(chat)
+
+    add_score_parsers(sub, _model_arg)
     return ap
 
 
@@ -315,7 +319,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits, "trace": _cmd_trace, "compare": _cmd_compare,
-            "tokenize": _cmd_tokenize}
+            "tokenize": _cmd_tokenize, "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
