@@ -94,8 +94,8 @@ def test_is_greedy_on_constructed_continuations(tiny):
     ctx = list(np.random.default_rng(1).integers(0, 96, size=12))
     greedy = []
     for _ in range(4):  # the model's own greedy continuation, one full forward per token
-        greedy.append(int(tiny.logits(ctx + greedy)[-1].argmax()))
-    worst = int(tiny.logits(ctx + greedy[:3])[-1].argmin())
+        greedy.append(int(tiny.logits_batch([ctx + greedy, [0] * 16])[0][-1].argmax()))  # one padded width
+    worst = int(tiny.logits_batch([ctx + greedy[:3], [0] * 16])[0][-1].argmin())
     cases = [(ctx, greedy), (ctx, greedy[:3] + [worst]), (ctx, [worst] + greedy[1:]), (ctx, greedy[:1])]
     got = [g for _, g in loglikelihood(tiny, cases)]
     assert got == [True, False, False, True]
