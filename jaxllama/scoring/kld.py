@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -115,7 +116,7 @@ class SavedBase:
                 self.meta = json.loads(str(npz["meta"]))
         except FileNotFoundError:
             raise InvalidInputError(f"{p}: no such file") from None
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             raise InvalidInputError(f"{p}: not a base log-probs file written by jaxllama kl-divergence --save-base") from None
         self.vocab = self.meta["vocab_sha256"]
         self.compile_s = 0.0
