@@ -191,8 +191,9 @@ def token_logprobs(model: Any, tokens: Tokens | Sequence[Tokens], top_k: int = 0
                    stats: dict[str, Any] | None = None) -> TokenLogprobs | list[TokenLogprobs]:
     """Log-probabilities of every token given the ones before it, for one sequence of ids (returns
     one `TokenLogprobs`) or a list of them (returns a list), optionally with the top-k alternatives."""
-    single = len(tokens) > 0 and isinstance(tokens[0], (int, np.integer))
-    seqs = [tokens] if single or isinstance(tokens, np.ndarray) and np.ndim(tokens) == 1 else list(tokens)
+    single = (isinstance(tokens, np.ndarray) and tokens.ndim == 1) or (
+        len(tokens) > 0 and isinstance(tokens[0], (int, np.integer)))
+    seqs = [tokens] if single else list(tokens)
     if not seqs:
         raise InvalidInputError("tokens: empty list")
     rows = []
@@ -210,4 +211,4 @@ def token_logprobs(model: Any, tokens: Tokens | Sequence[Tokens], top_k: int = 0
             ti = np.concatenate([np.full((1, top_k), -1), r["top_id"]]).astype(np.int64)
             tl = np.concatenate([np.full((1, top_k), np.nan), r["top_logprob"]])
         out.append(TokenLogprobs([int(t) for t in s], lp, greedy, ti, tl))
-    return out[0] if single or (isinstance(tokens, np.ndarray) and tokens.ndim == 1) else out
+    return out[0] if single else out
