@@ -141,3 +141,14 @@ def test_missing_ctx_is_a_usage_error(capsys, tiny_gguf, tiny_text):
     with pytest.raises(SystemExit) as e:
         main(["perplexity", "--model", str(tiny_gguf), "--file", str(tiny_text)])
     assert e.value.code == 2
+
+
+@pytest.mark.llamacpp
+def test_perplexity_llamacpp_engine(capsys, tiny_gguf, tiny_text):
+    """`--llamacpp`: the same method run by llama.cpp (bit-close settings) gives the same number."""
+    code, out, _ = cli(capsys, "perplexity", "--model", tiny_gguf, "--file", tiny_text, "--ctx", 64, "--json",
+                       "--llamacpp", "--threads", 2)
+    r = json.loads(out)
+    assert code == 0 and r["reproduce"]["settings"]["engine"] == "llama.cpp"
+    want = perplexity(jaxllama.load(tiny_gguf), tiny_text.read_text(), ctx=64)
+    assert r["n_chunks"] == want.n_chunks and abs(r["ppl"] / want.ppl - 1) <= 1e-4
