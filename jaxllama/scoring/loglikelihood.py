@@ -93,13 +93,16 @@ def _max_length(model: Any, max_length: int | None) -> int:
 
 def score(model: Any, rows: Sequence[Row], batch_size: int, top_k: int = 0,
           stats: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
-    """Score rows in length buckets; per row, the kernel's outputs trimmed to its scored positions."""
+    """Score rows in length buckets; per row, the kernel's outputs trimmed to its scored positions.
+
+    Every batch has `batch_size` rows (fewer when there are fewer requests in all).
+    """
     check_batch_size(batch_size)
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= model.config.vocab_size:
         raise InvalidInputError(f"top_k must be an integer in [0, {model.config.vocab_size}], got {top_k!r}")
     rs = RunStats()
     results: list[dict[str, np.ndarray]] = [{} for _ in rows]
-    batches = plan(rows, batch_size, model.config.context_length)
+    batches = plan(rows, min(batch_size, len(rows)), model.config.context_length)  # no all-dummy batch rows
     for b, out in run(model, batches, score_rows, rs, top_k=int(top_k), full=False):
         host = {k: np.asarray(v) for k, v in out.items()}
         for j, i in enumerate(b.rows):
