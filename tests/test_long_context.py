@@ -26,8 +26,9 @@ def _dense(q, k, v, q_slot, key_ok):
         for head in range(h):
             s = q[i, :, head].astype(np.float64) @ k[i, :, head // 3].T.astype(np.float64) / np.sqrt(d)
             s = np.where(mask, s, -np.inf)
-            p = np.exp(s - s.max(axis=-1, keepdims=True))
-            out[i, :, head] = (p / p.sum(axis=-1, keepdims=True)) @ v[i, :, head // 3]
+            with np.errstate(invalid="ignore"):  # a query that sees no key: NaN, never compared
+                p = np.exp(s - s.max(axis=-1, keepdims=True))
+                out[i, :, head] = (p / p.sum(axis=-1, keepdims=True)) @ v[i, :, head // 3]
     return out.reshape(b, t, h * d)
 
 
