@@ -7,7 +7,8 @@
 
 The package follows the data path: `gguf` (file -> parameters), `model` (the pure forward),
 `tracing` (probes, statistics, interventions), `text` (tokenizer, chat templates), `generation`
-(samplers, decode loop), `reference` (llama.cpp, an optional extra) and `cli`.
+(samplers, decode loop), `scoring` (log-likelihoods, perplexity, KL divergence), `reference`
+(llama.cpp, an optional extra) and `cli`.
 """
 
 import sys
@@ -25,6 +26,16 @@ from .loader import Model, load
 from .model import forward, forward_capture, forward_jit
 from .runner import use_compilation_cache
 from .reference import Comparison, ReferenceUnavailableError, compare
+from .scoring import (
+    KLDivergence,
+    Perplexity,
+    TokenLogprobs,
+    kl_divergence,
+    loglikelihood,
+    loglikelihood_rolling,
+    perplexity,
+    token_logprobs,
+)
 from .text import ChatTemplateError, StreamDecoder, Tokenizer, load_tokenizer
 from .tracing import GLOBAL_PROBES, LAYER_PROBES, Intervention, ProbeSpec, Recorder, interventions, trace
 
@@ -46,16 +57,19 @@ __all__ = [
     "Intervention",
     "InvalidInputError",
     "JaxLlamaError",
+    "KLDivergence",
     "LAYER_PROBES",
     "LlamaConfig",
     "Model",
     "ModelDownloadError",
+    "Perplexity",
     "ProbeSpec",
     "Recorder",
     "ReferenceUnavailableError",
     "Sampler",
     "StreamDecoder",
     "TensorInfo",
+    "TokenLogprobs",
     "Tokenizer",
     "UnsupportedModelError",
     "compare",
@@ -65,12 +79,17 @@ __all__ = [
     "forward_jit",
     "generate",
     "interventions",
+    "kl_divergence",
     "load",
     "load_tokenizer",
+    "loglikelihood",
+    "loglikelihood_rolling",
     "params_from_gguf",
+    "perplexity",
     "read_gguf",
     "sampling",
     "stream",
+    "token_logprobs",
     "trace",
     "use_compilation_cache",
 ]

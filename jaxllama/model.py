@@ -10,7 +10,7 @@ matrix products use full float32 precision on every backend.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,16 +142,91 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jnp.tanh(inner))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, c: LlamaConfig) -> jax.Array:
-    """Grouped-query attention. q `[B, T, H, d]`, k/v `[B, S, K, d]`, mask `[B, T, S]` -> `[B, T, H*d]`."""
+ATTN_BLOCK = 512  # queries and keys per attention block: memory grows linearly with the length
+NO_WINDOW = 2**30  # the window of a layer that does not slide
+
+
+class Visibility(NamedTuple):
+    """Which keys each query sees: key slot s is visible to query t of row b iff
+    `q_slot[b, t] - window < s <= q_slot[b, t]` and `key_ok[b, s]`. Stands in for a `[B, T, S]`
+    mask, so the mask is never materialised. `window` is traced (per layer, in the scan):
+    `NO_WINDOW` for global layers, the sliding window for sliding ones (llama.cpp masks keys
+    with `q_pos - k_pos >= n_swa`; padding sits only before or after a row's tokens, so slot
+    distances are position distances)."""
+
+    q_slot: jax.Array  # [B, T] int: the cache slot of each query (the causal limit)
+    key_ok: jax.Array  # [B, S] bool: False at padding
+    window: jax.Array | int = NO_WINDOW
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: LlamaConfig,
+              block: int = ATTN_BLOCK, layer: jax.Array | None = None) -> jax.Array:
+    """Grouped-query attention. q `[B, T, H, d]`, k/v `[B, S, K, d]` -> `[B, T, H*d]`.
+
+    With `layer`, k and v are a whole layer-stacked cache `[L, B, S, K, d]` and only this
+    layer's key blocks that are needed are read (decoding costs the filled length, not S).
+
+    Computed blockwise with an online softmax (float32 running max, sum and output), so scores
+    exist only as `[B, K, G, block, block]` tiles: peak memory grows linearly with T and S, not
+    as T * S. Key blocks after the last query slot of a query block are skipped (causality), and
+    so are blocks wholly before the window. Up to `block` queries and keys it is one tile: the
+    plain softmax, normalised after `@ v`.
+    """
+    if layer is None:
+        k, v = k[None], v[None]
+        layer = jnp.int32(0)
     b, t = q.shape[:2]
+    s = k.shape[2]
+    nq, nk = -(-t // block), -(-s // block)
+    qb, kb = -(-t // nq), -(-s // nk)  # balanced blocks: little padding
     q = q.reshape(b, t, c.n_head_kv, c.n_group, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=lax.Precision.HIGHEST)
-    scores = scores * np.float32(c.query_scale)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
-    return out.reshape(b, t, c.n_head * c.head_dim)
+    q_slot, key_ok, window = vis.q_slot, vis.key_ok, vis.window
+    if nq * qb != t:  # padded queries see nothing; their rows are dropped below
+        q = jnp.pad(q, ((0, 0), (0, nq * qb - t), (0, 0), (0, 0), (0, 0)))
+        q_slot = jnp.pad(q_slot, ((0, 0), (0, nq * qb - t)), constant_values=-1)
+    if nk * kb != s:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
+        key_ok = jnp.pad(key_ok, ((0, 0), (0, nk * kb - s)))
+    scale = np.float32(c.query_scale)
+
+    def tile(j, carry, q_blk, slot_blk):
+        """Fold key block j into the running (max, sum, output) of one query block."""
+        m, l, acc = carry
+        at = (layer, 0, j * kb, 0, 0)
+        k_blk = lax.dynamic_slice(k, at, (1, b, kb, *k.shape[3:]))[0]
+        v_blk = lax.dynamic_slice(v, at, (1, b, kb, *v.shape[3:]))[0]
+        ok = lax.dynamic_slice_in_dim(key_ok, j * kb, kb, axis=1)
+        keys = j * kb + jnp.arange(kb)
+        near = keys[None, None, :] > slot_blk[:, :, None] - window
+        seen = (keys[None, None, :] <= slot_blk[:, :, None]) & near & ok[:, None, :]  # [B, qb, kb]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, precision=lax.Precision.HIGHEST) * scale
+        scores = jnp.where(seen[:, None, None], scores, MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p, v_blk, precision=lax.Precision.HIGHEST)
+        return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv
+
+    def query_block(q_blk: jax.Array, slot_blk: jax.Array) -> jax.Array:
+        shape = (b, c.n_head_kv, c.n_group, qb)
+        init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros((*shape, c.head_dim), jnp.float32))
+        if nk == 1:
+            m, l, acc = tile(0, init, q_blk, slot_blk)
+        else:  # only the key blocks from the window's start to the block's last query slot
+            last = jnp.clip(slot_blk.max() // kb + 1, 1, nk)
+            first = jnp.clip((jnp.maximum(slot_blk, 0).min() - window + 1) // kb, 0, last - 1)
+            m, l, acc = lax.fori_loop(first, last, lambda j, cr: tile(j, cr, q_blk, slot_blk), init)
+        return acc / l[..., None]  # [B, K, G, qb, d]
+
+    if nq == 1:
+        out = query_block(q, q_slot)[None]
+    else:
+        q_blocks = q.reshape(b, nq, qb, *q.shape[2:]).swapaxes(0, 1)
+        out = lax.map(lambda xs: query_block(*xs), (q_blocks, q_slot.reshape(b, nq, qb).swapaxes(0, 1)))
+    out = jnp.einsum("nbkgtd->bntkgd", out).reshape(b, nq * qb, c.n_head * c.head_dim)
+    return out[:, :t]
 
 
 Tap = Callable[[str, jax.Array], jax.Array]
@@ -166,20 +241,20 @@ def block(
     x: jax.Array,
     p: Params,
     angles: jax.Array,
-    mask: jax.Array,
+    vis: Visibility,
     c: LlamaConfig,
     tap: Tap = no_tap,
     act_quant: Mapping[str, str | None] | None = None,
-    kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One transformer block on the residual stream x `[B, T, D]`; `p` holds this layer's leaves.
 
     Every named intermediate passes through `tap(name, value)` (see `probes.LAYER_PROBES`),
     which may record it or replace it. `act_quant` maps a matrix name to the llama.cpp
     activation type to emulate in front of it (see `actquant`). With `kv = (cache_k,
-    cache_v, start)` (caches `[B, S, K, d]`), this step's keys and values are written at slot
-    `start` and attention reads the whole cache (`mask` is then `[B, T, S]`). Returns the new
-    residual stream and the updated caches (None without `kv`).
+    cache_v, layer, start)` (layer-stacked caches `[L, B, S, K, d]`), this step's keys and values
+    are written at `[layer, :, start]` and attention reads that layer's filled slots (`vis` then
+    covers S slots). Returns the new residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
 
@@ -199,15 +274,14 @@ def block(
     q = rope("Qcur", heads("attn_q", h, c.n_head))
     k = rope("Kcur", heads("attn_k", h, c.n_head_kv))
     v = tap("Vcur", heads("attn_v", h, c.n_head_kv))
-    cache = None
-    if kv is not None:
-        ck, cv, start = kv
-        cache = (
-            lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1),
-            lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1),
-        )
+    cache, layer = None, None
+    if kv is not None:  # write this step's keys and values into the layer-stacked cache, in place
+        ck, cv, layer, start = kv
+        at = (layer, 0, start, 0, 0)
+        cache = (lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at),
+                 lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at))
         k, v = cache
-    a = tap("kqv_out", attention(q, k, v, mask, c))
+    a = tap("kqv_out", attention(q, k, v, vis, c, layer=layer))
     o = mm("attn_output", a)
     if c.post_norms:  # Gemma's sandwich: normalise the branch before the residual add
         x = tap("sa_out", x + tap("attn_post_norm", rms_norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
@@ -268,44 +342,41 @@ def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:
     return out
 
 
-def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Positions `[B, T]` and the causal attention mask `[B, T, S]`.
+def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, Visibility]:
+    """Positions `[B, T]` and the causal visibility of keys (see `Visibility`).
 
     With `valid` (`[B, T]` bool, False at padding, left or right), positions count only
     valid tokens and padding is never attended to, so each row gets the logits it would
     get alone; logits at padded positions are meaningless.
     """
     b, t = tokens.shape
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     if valid is None:
-        return jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(causal, (b, t, t))
+        return slots, Visibility(slots, jnp.ones((b, t), bool))
     valid = valid.astype(bool)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    return positions, causal & valid[:, None, :]
+    return positions, Visibility(slots, valid)
 
 
-Attn = tuple[jax.Array, jax.Array]  # (RoPE angles [B, T, rope_dim/2], mask [B, T, S]) of one layer kind
+Kinds = tuple[jax.Array, jax.Array | None]  # RoPE angles of global layers, of sliding layers (None: none slide)
 
 
-def layer_kinds(c: LlamaConfig, positions: jax.Array, key_positions: jax.Array, mask: jax.Array,
-                freq_factors: jax.Array | None) -> tuple[Attn, Attn | None]:
-    """Angles and mask of global layers, and of sliding-window layers (None when no layer slides).
-
-    A sliding layer sees keys fewer than `sliding_window` positions back (llama.cpp masks
-    `q_pos - k_pos >= n_swa`) and rotates with its own RoPE base and scale.
-    """
-    glob = (rope_angles(positions, c, freq_factors), mask)
+def layer_kinds(c: LlamaConfig, positions: jax.Array, freq_factors: jax.Array | None) -> Kinds:
+    """RoPE angles of global layers and, when some layer slides, of sliding layers (their own
+    base and scale)."""
+    glob = rope_angles(positions, c, freq_factors)
     if not c.sliding_window or not any(c.swa_layers):
         return glob, None
-    near = positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
-    return glob, (rope_angles(positions, c, freq_factors, c.rope_base_swa, c.rope_scale_swa), mask & near)
+    return glob, rope_angles(positions, c, freq_factors, c.rope_base_swa, c.rope_scale_swa)
 
 
-def choose_kind(slides: jax.Array, glob: Attn, swa: Attn | None) -> Attn:
-    """This layer's angles and mask, picked by its traced flag (so one scan serves both kinds)."""
+def choose_kind(slides: jax.Array, kinds: Kinds, vis: Visibility, c: LlamaConfig) -> tuple[jax.Array, Visibility]:
+    """This layer's angles and visibility, picked by its traced flag (one scan serves both kinds)."""
+    glob, swa = kinds
     if swa is None:
-        return glob
-    return jnp.where(slides, swa[0], glob[0]), jnp.where(slides, swa[1], glob[1])
+        return glob, vis
+    window = jnp.where(slides, c.sliding_window, NO_WINDOW)
+    return jnp.where(slides, swa, glob), vis._replace(window=window)
 
 
 def forward(
@@ -347,10 +418,10 @@ def forward_capture(
     c = config
     spec = probes or ProbeSpec()
     aq = dict(act_quant or ())
-    positions, mask = positions_and_mask(tokens, valid)
+    positions, vis = positions_and_mask(tokens, valid)
     valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
-    kinds = layer_kinds(c, positions, positions, mask, freq_factors)
+    kinds = layer_kinds(c, positions, freq_factors)
 
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions)
@@ -368,8 +439,8 @@ def forward_capture(
         x, bufs = carry
         lp, layer, slides = xs
         seen: dict[str, jax.Array] = {}
-        angles, m = choose_kind(slides, *kinds)
-        x, _ = block(x, lp, angles, m, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
+        angles, layer_vis = choose_kind(slides, kinds, vis, c)
+        x, _ = block(x, lp, angles, layer_vis, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
         emit_stats(spec, layer, seen, valid_rows, c.layer_probes, positions)
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
@@ -387,6 +458,32 @@ def forward_capture(
     return logits, captures
 
 
+def forward_hidden(
+    params: Params,
+    tokens: jax.Array,
+    config: LlamaConfig,
+    valid: jax.Array | None = None,
+    act_quant: tuple[tuple[str, str | None], ...] | None = None,
+) -> jax.Array:
+    """The residual stream after the last layer `[B, T, D]`: `forward` without the head.
+
+    Scoring applies `head` to the positions it needs, a block at a time, so no `[B, T, vocab]`
+    array is built; same numbers as `forward` (no probes here).
+    """
+    p = params["params"]
+    c = config
+    aq = dict(act_quant or ())
+    positions, vis = positions_and_mask(tokens, valid)
+    kinds = layer_kinds(c, positions, p["rope"]["freq_factors"] if c.has_rope_freqs else None)
+
+    def body(x, xs):
+        lp, slides = xs
+        angles, layer_vis = choose_kind(slides, kinds, vis, c)
+        return block(x, lp, angles, layer_vis, c, no_tap, aq)[0], None
+
+    return lax.scan(body, embed(p, tokens, c), (p["layers"], jnp.asarray(c.swa_layers)))[0]
+
+
 def forward_step(
     params: Params,
     tokens: jax.Array,
@@ -399,8 +496,9 @@ def forward_step(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run tokens `[B, T]` that occupy cache slots `start .. start+T-1`; return logits and the new cache.
 
-    The KV cache is `{"k": [L, B, S, K, d], "v": ...}` (see `init_cache`), stacked per layer so
-    the layer scan carries it. Rows are left-padded: row b's first real token sits in slot
+    The KV cache is `{"k": [L, B, S, K, d], "v": ...}` (see `init_cache`), carried through the
+    layer scan and updated in place (donate it), each layer writing its slots and reading only
+    the key blocks up to the last filled one. Rows are left-padded: row b's first real token sits in slot
     `pad[b]`, so its positions are `slot - pad[b]`, and slots before `pad[b]` are never
     attended to. Prefill is one call with the (padded) prompt at `start = 0`; each decode step
     is a call with one token per row. `probes` (static) sends statistics and applies
@@ -414,29 +512,29 @@ def forward_step(
     check_slots(start, t, s)
     slots = start + jnp.arange(t)
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    keys = jnp.arange(s)
-    mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+    vis = Visibility(jnp.broadcast_to(slots, (b, t)), jnp.arange(s)[None, :] >= pad[:, None])
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
-    kinds = layer_kinds(c, positions, keys[None, :] - pad[:, None], mask, freq_factors)
+    kinds = layer_kinds(c, positions, freq_factors)
     spec = probes or ProbeSpec()
     if spec.capture:
         raise InvalidInputError("capture is not supported in the cached decode step (generation); "
                                 "capture with a plain forward (Model.logits) of the generated tokens")
     valid = slots[None, :] >= pad[:, None]
 
-    def body(x, xs):
-        lp, ck, cv, layer, slides = xs
+    def body(carry, xs):
+        x, ck, cv = carry
+        lp, layer, slides = xs
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
-        angles, m = choose_kind(slides, *kinds)
-        x, (ck, cv) = block(x, lp, angles, m, c, tap, aq, (ck, cv, start))
+        angles, layer_vis = choose_kind(slides, kinds, vis, c)
+        x, (ck, cv) = block(x, lp, angles, layer_vis, c, tap, aq, (ck, cv, layer, start))
         emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
-        return x, (ck, cv)
+        return (x, ck, cv), None
 
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
-    xs = (p["layers"], cache["k"], cache["v"], jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
-    x, (k, v) = lax.scan(body, embed(p, tokens, c, gtap), xs)
+    xs = (p["layers"], jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
+    (x, k, v), _ = lax.scan(body, (embed(p, tokens, c, gtap), cache["k"], cache["v"]), xs)
     logits = head(p, x, c, aq, gtap)
     emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
     return logits, {"k": k, "v": v}

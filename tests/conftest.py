@@ -37,6 +37,18 @@ def f32_gguf(default_gguf: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def q8_0_gguf(f32_gguf: Path) -> Path:
+    """The F32 re-export with its matrices re-quantized to Q8_0 by gguf.quants (cached)."""
+    from jaxllama.gguf.default_model import cache_dir
+    from jaxllama.reference import requantize
+
+    path = cache_dir() / "SmolLM2-135M-Instruct.requant-Q8_0.gguf"
+    if not path.exists():
+        requantize(f32_gguf, path, "Q8_0")
+    return path
+
+
+@pytest.fixture(scope="session")
 def default_model(default_gguf):
     import jaxllama
 

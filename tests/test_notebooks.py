@@ -24,7 +24,7 @@ def execute(name: str) -> list[str]:
 
 
 def test_all_notebooks_are_tested():
-    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == {"quickstart.ipynb", "explore_layers.ipynb"}
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == {"quickstart.ipynb", "explore_layers.ipynb", "scoring.ipynb"}
 
 
 def test_quickstart(default_gguf):
@@ -37,3 +37,10 @@ def test_explore_layers(default_gguf):
     assert "no NaN/Inf" in outs[2]  # the recorder's repr
     assert "layer 11: |max|" in outs[5]
     assert "first divergence: ffn_swiglu at layer 0" in outs[-1]
+
+
+def test_scoring(default_gguf):
+    outs = execute("scoring.ipynb")
+    assert "tokens" in outs[0] and "PPL = " in outs[1] and "1 compilation(s)" in outs[1]
+    assert outs[2].count("bits") == 5  # the five tokens where Q4_1 and F32 disagree most
+    assert "mean KLD" in outs[3] and "same top token" in outs[3]

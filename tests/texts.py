@@ -25,3 +25,19 @@ TEXTS = [
     "Almost all life on Earth depends on this process, directly or indirectly, for food and for the "
     "oxygen in the air.",
 ]
+
+
+def licence_text() -> str:
+    """A real text of several thousand tokens: the GNU GPL v3, as Debian's essential `base-files`
+    package installs it (35 kB, about 7,600 SmolLM2 tokens); else the licence file jaxlib ships in
+    its wheel (a dependency of jaxllama, so on every machine that runs these tests). Expected values
+    are always computed live, so which of the two is used changes no assertion."""
+    from importlib import metadata
+    from pathlib import Path
+
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    if gpl.is_file():
+        return gpl.read_text(encoding="utf-8")
+    files = [f for f in metadata.files("jaxlib") or [] if f.name.upper().startswith("LICENSE")]
+    assert files, "no licence text found: neither /usr/share/common-licenses/GPL-3 nor jaxlib's LICENSE"
+    return Path(files[0].locate()).read_text(encoding="utf-8", errors="replace")

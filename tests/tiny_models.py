@@ -44,6 +44,7 @@ class TinySpec:
     head_dim: int | None = None  # attention.key_length (default d_model / n_head)
     sliding_window: int = 0  # gemma3: attention.sliding_window (pattern: every 6th layer global)
     qkv_bias: bool | None = None  # default: True for qwen2
+    add_bos: bool | None = None  # tokenizer.ggml.add_bos_token (None: not written)
 
 
 def random_blocks(qtype: T, n_values: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,6 +106,8 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0
     w.add_array("tokenizer.ggml.merges", ["! \""])
     w.add_uint32("tokenizer.ggml.bos_token_id", 0)
     w.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    if s.add_bos is not None:
+        w.add_bool("tokenizer.ggml.add_bos_token", s.add_bos)
 
     def add(name: str, values: np.ndarray, qtype: T) -> None:
         data, raw_dtype = encode(values, qtype, rng)

@@ -1,5 +1,6 @@
 """The `jaxllama` command line: the parser, error handling and the inspection commands
-(info, logits, tokenize, trace, compare); generation lives in `cli.generate`.
+(info, logits, tokenize, trace, compare); generation lives in `cli.generate`, scoring
+(perplexity, kl-divergence) in `cli.score`.
 
 Every failure is one line on stderr and a non-zero exit: 2 for usage errors, 1 for bad
 input or files; an unexpected internal error prints one line too (exit 3), with the
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .generate import add_sampling_args, cmd_chat, cmd_generate
+from .score import add_score_parsers, cmd_kl_divergence, cmd_perplexity
 from ..errors import InvalidInputError, JaxLlamaError
 from ..gguf.convert import WEIGHTS as WEIGHT_CHOICES
 from ..runner import use_compilation_cache
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
                     help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     add_sampling_args(chat)
+    add_score_parsers(sub, _model_arg)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
     from ..benchmark import add_arguments
 
@@ -355,7 +358,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits,
-            "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench}
+            "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench,
+            "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,14 +6,14 @@ Nothing here is needed to run a model; it is how jaxllama checks itself and how 
     llamacpp.py  one llama.cpp context: tokenize, logits, greedy decoding, batched sequences
     capture.py   llama.cpp's intermediate tensors through its eval callback
     compare.py   jaxllama vs llama.cpp, probe by probe: where do they part?
-    export.py    an F32 re-export of a GGUF (gguf.quants), for bit-close comparison
+    export.py    an F32 re-export of a GGUF (gguf.quants), for bit-close comparison; re-quantized copies
 """
 
 from .binding import ReferenceCrashError, ReferenceUnavailableError, check_reference, load_llama_cpp
 from .capture import capture
 from .compare import Comparison, ProbeDiff, compare
-from .export import export_f32
+from .export import export_f32, requantize
 from .llamacpp import LlamaCpp
 
 __all__ = ["Comparison", "LlamaCpp", "ProbeDiff", "ReferenceCrashError", "ReferenceUnavailableError",
-           "capture", "check_reference", "compare", "export_f32", "load_llama_cpp"]
+           "capture", "check_reference", "compare", "export_f32", "load_llama_cpp", "requantize"]

@@ -25,10 +25,12 @@ class LlamaCpp:
     """A llama.cpp model and context: `n_ctx` slots, `n_seq` sequences, `n_threads` threads.
 
     `on_tensor(tensor_pointer) -> None` receives each computed tensor (the eval callback).
+    `bit_close=False` keeps llama.cpp's own defaults instead (F16 KV cache, flash attention
+    auto): its usual speed, not the bit-close numbers.
     """
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 n_seq: int = 1, on_tensor: Callable[[int], None] | None = None):
+                 n_seq: int = 1, on_tensor: Callable[[int], None] | None = None, bit_close: bool = True):
         self.lib = lib = load_llama_cpp(path)
         self.path = Path(path)
         self.n_ctx = n_ctx
@@ -40,8 +42,9 @@ class LlamaCpp:
         cp = lib.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
         cp.n_seq_max = n_seq
-        cp.type_k = cp.type_v = GGML_TYPE_F32
-        cp.flash_attn_type = FLASH_ATTN_DISABLED
+        if bit_close:
+            cp.type_k = cp.type_v = GGML_TYPE_F32
+            cp.flash_attn_type = FLASH_ATTN_DISABLED
         cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
         self._callback = None
         if on_tensor is not None:

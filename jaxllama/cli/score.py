@@ -1,0 +1,217 @@
+"""`jaxllama perplexity` and `jaxllama kl-divergence`: llama-perplexity's two measurements, from
+jitted batched forwards, with a progress bar (stderr, only on a terminal) and `--json` results
+that carry a `reproduce` block."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from ..errors import InvalidInputError
+
+DTYPES = ["float32", "bfloat16"]
+
+
+def add_score_parsers(sub: Any, model_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, exactly as llama-perplexity computes it")
+    model_arg(pp)
+    _common(pp)
+    pp.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (float32)")
+    pp.add_argument("--act-quant", action="store_true", help="emulate llama.cpp's activation quantization")
+    pp.add_argument("--llamacpp", action="store_true",
+                    help="compute it with llama.cpp instead (F32 KV cache, flash attention off), for comparison")
+    pp.add_argument("--threads", type=int, default=None, help="llama.cpp threads with --llamacpp (all cores)")
+
+    kl = sub.add_parser("kl-divergence", help="KL divergence of a model's predictions from a base run's, "
+                                              "with llama-perplexity --kl-divergence's statistics")
+    kl.add_argument("--base", metavar="PATH", help="GGUF of the base run (default: the --model file)")
+    model_arg(kl)
+    _common(kl)
+    kl.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype of the model run (float32)")
+    kl.add_argument("--base-dtype", default="float32", choices=DTYPES, help="weight dtype of the base run (float32)")
+    kl.add_argument("--act-quant", action="store_true", help="model run: emulate llama.cpp's activation quantization")
+    kl.add_argument("--base-act-quant", action="store_true", help="base run: emulate llama.cpp's activation quantization")
+    src = kl.add_mutually_exclusive_group()
+    src.add_argument("--base-llamacpp", action="store_true",
+                     help="the base run is llama.cpp on the base file (F32 KV cache, flash attention off)")
+    src.add_argument("--base-logprobs", metavar="FILE.npz", help="base log-probs saved earlier with --save-base")
+    kl.add_argument("--save-base", metavar="FILE.npz", help="save the base run's log-probs for reuse")
+    kl.add_argument("--threads", type=int, default=None, help="llama.cpp threads with --base-llamacpp (all cores)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--file", required=True, metavar="TEXT", help="UTF-8 text file to score")
+    p.add_argument("--ctx", required=True, type=int, metavar="N", help="tokens per chunk; positions N/2..N-2 are scored")
+    p.add_argument("--chunks", type=int, metavar="K", help="score only the first K chunks (default: all)")
+    p.add_argument("--batch", type=int, metavar="B", help="chunks per forward (default: about 2048 tokens' worth)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with a reproduce block")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class _Bar:
+    """A tqdm bar on stderr, created on the first update; nothing at all when stderr is not a terminal."""
+
+    def __init__(self, quiet: bool, desc: str, metric: str):
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.desc, self.metric, self.bar = desc, metric, None
+
+    def __call__(self, done: int, total: int, value: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="chunk", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix_str(f"{self.metric} {value:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_threads(n: int | None) -> None:
+    if n is not None and n < 1:
+        raise InvalidInputError(f"--threads must be >= 1, got {n}")
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    if args.batch is not None and args.batch < 1:
+        raise InvalidInputError(f"--batch must be >= 1, got {args.batch}")
+    if args.chunks is not None and args.chunks < 1:
+        raise InvalidInputError(f"--chunks must be >= 1, got {args.chunks}")
+    _check_threads(args.threads)
+
+
+def _gguf_path(arg: str | None, what: str) -> Path:
+    from ..gguf.default_model import default_model_path
+
+    if arg is None:
+        return default_model_path()
+    p = Path(arg)
+    if not p.is_file():
+        raise InvalidInputError(f"{what}: {p}: no such file")
+    return p
+
+
+def _load(path: Path, dtype: str, act_quant: bool) -> Any:
+    from ..loader import load
+
+    model = load(path, dtype=dtype)
+    return model.with_act_quant() if act_quant else model
+
+
+def _file_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from ..gguf.default_model import sha256_file
+
+    return {"file": str(args.file), "file_sha256": sha256_file(Path(args.file)), "ctx": args.ctx,
+            "chunks": args.chunks, "batch": args.batch}
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from ..provenance import provenance
+    from ..scoring.perplexity import perplexity, read_text
+
+    t0 = time.perf_counter()
+    _check_positive(args)
+    text = read_text(args.file)
+    path = _gguf_path(args.model, "--model")
+    bar = _Bar(args.quiet, "perplexity", "ppl")
+    try:
+        if args.llamacpp:
+            from ..gguf.config import LlamaConfig
+            from ..gguf.default_model import sha256_file
+            from ..gguf.reader import read_gguf
+            from ..scoring.llamacpp import llamacpp_perplexity
+
+            r = llamacpp_perplexity(path, text, args.ctx, args.chunks, args.threads, args.batch, progress=bar)
+            who = SimpleNamespace(source=path, sha256=sha256_file(path), dtype="llama.cpp",
+                                  config=LlamaConfig.from_gguf(read_gguf(path)))
+        else:
+            who = _load(path, args.dtype, args.act_quant)
+            r = perplexity(who, text, args.ctx, args.chunks, args.batch, progress=bar)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+    if args.json:
+        settings = _file_settings(args) | {"engine": "llama.cpp" if args.llamacpp else "jaxllama",
+                                           "act_quant": args.act_quant, "batch_used": r.batch_size}
+        out = r.as_dict() | {"wall_s": round(wall, 3), "reproduce": provenance(who, None, **settings)}
+        print(json.dumps(out))
+        return 0
+    print(f"PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}  ({r.n_chunks} chunks of {r.ctx} tokens, "
+          f"{r.nll.size} scored; {r.n_tokens} tokens at {r.tok_s:.1f} tok/s, compile {r.compile_s:.2f} s, "
+          f"wall {wall:.2f} s)")
+    return 0
+
+
+def cmd_kl_divergence(args: argparse.Namespace) -> int:
+    from ..provenance import provenance
+    from ..scoring.kld import LlamaCppBase, SavedBase, kl_divergence
+    from ..scoring.perplexity import read_text
+
+    t0 = time.perf_counter()
+    _check_positive(args)
+    text = read_text(args.file)
+    model_path = _gguf_path(args.model, "--model")
+    if args.base_logprobs is not None:
+        if args.base is not None:
+            raise InvalidInputError("--base-logprobs replaces the base run; leave out --base")
+        base: Any = SavedBase(args.base_logprobs)
+    else:
+        base_path = _gguf_path(args.base, "--base") if args.base is not None else model_path
+        if args.base_llamacpp:
+            base = LlamaCppBase(base_path, args.threads)
+        else:
+            base = _load(base_path, args.base_dtype, args.base_act_quant)
+    model = _load(model_path, args.dtype, args.act_quant)
+    bar = _Bar(args.quiet, "kl-divergence", "kld")
+    try:
+        r = kl_divergence(base, model, text, args.ctx, args.chunks, args.batch, progress=bar, save_base=args.save_base)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+    if args.json:
+        settings = _file_settings(args) | {"act_quant": args.act_quant, "base": r.base,
+                                           "base_settings": {"dtype": args.base_dtype, "act_quant": args.base_act_quant}}
+        print(json.dumps(r.as_dict() | {"wall_s": round(wall, 3), "reproduce": provenance(model, None, **settings)}))
+        return 0
+    print(report(r.summary, r.base, wall))
+    if args.save_base:
+        print(f"saved the base log-probs to {args.save_base}", file=sys.stderr)
+    return 0
+
+
+def report(s: dict[str, Any], base: dict[str, Any], wall: float) -> str:
+    """llama-perplexity --kl-divergence's final report, from `kl_summary`'s dict."""
+    pm = "\u00b1"
+    kp, dp = s["kld_percentiles"], s["delta_p"]
+    lines = [
+        f"base: {base.get('kind')} {base.get('path', '')}",
+        "====== Perplexity statistics ======",
+        f"Mean PPL(Q)                   : {s['ppl']:10.6f} {pm} {s['ppl_err']:10.6f}",
+        f"Mean PPL(base)                : {s['ppl_base']:10.6f} {pm} {s['ppl_base_err']:10.6f}",
+        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * s['cor_log_ppl']:6.2f}%",
+        f"Mean ln(PPL(Q)/PPL(base))     : {s['log_ppl_ratio']:10.6f} {pm} {s['log_ppl_ratio_err']:10.6f}",
+        f"Mean PPL(Q)/PPL(base)         : {s['ppl_ratio']:10.6f} {pm} {s['ppl_ratio_err']:10.6f}",
+        "",
+        "====== KL divergence statistics ======",
+        f"Mean    KLD: {s['kld_mean']:10.6f} {pm} {s['kld_err']:10.6f}",
+    ]
+    for k in ("max", "99.9", "99", "95", "90", "median", "10", "5", "1", "0.1", "min"):
+        label = {"max": "Maximum", "median": "Median ", "min": "Minimum"}.get(k, f"{k + '%':<7}")
+        lines.append(f"{label} KLD: {kp[k]:10.6f}")
+    lines += ["", "====== Token probability statistics ======",
+              f"Mean    \u0394p: {100 * dp['mean']:6.3f} {pm} {100 * dp['mean_err']:5.3f} %"]
+    for k in ("max", "99.9", "99", "95", "90", "75", "median", "25", "10", "5", "1", "0.1", "min"):
+        label = {"max": "Maximum", "median": "Median ", "min": "Minimum"}.get(k, f"{k + '%':<7}")
+        lines.append(f"{label} \u0394p: {100 * dp['percentiles'][k]:6.3f}%")
+    lines += [f"RMS \u0394p    : {100 * dp['rms']:6.3f} {pm} {100 * dp['rms_err']:5.3f} %",
+              f"Same top p: {100 * s['same_top_rate']:6.3f} {pm} {100 * s['same_top_err']:5.3f} %",
+              f"({s['n_scored']} positions; wall {wall:.2f} s)"]
+    return "\n".join(lines)

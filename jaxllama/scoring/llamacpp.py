@@ -1,0 +1,103 @@
+"""llama-perplexity's chunks scored by llama.cpp itself (the `jaxllama[llamacpp]` extra).
+
+`LlamaCppChunks` decodes up to `n_seq` chunks per `llama_decode`, one sequence each on an empty
+cache, asking logits only from position ctx/2 on, as llama-perplexity does with
+`n_batch = n_seq * ctx`. It serves `llamacpp_perplexity` (llama.cpp's number, for comparison and
+the benchmark) and `kl-divergence` with llama.cpp as the base run. The default is the bit-close
+setting (F32 KV cache, flash attention off); `bit_close=False` keeps llama.cpp's defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .buckets import RunStats
+from .perplexity import BATCH_TOKENS, Perplexity, Progress, check_ctx, chunk_rows, ppl_and_err
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis in float64."""
+    x = np.asarray(logits, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+class LlamaCppChunks:
+    """A llama.cpp context holding `n_seq` sequences of `ctx` tokens, for chunked scoring."""
+
+    def __init__(self, path: str | os.PathLike, ctx: int, n_seq: int | None = None, n_threads: int | None = None,
+                 bit_close: bool = True):
+        from ..reference.llamacpp import LlamaCpp
+
+        self.ctx = ctx
+        self.n_seq = n_seq or max(1, BATCH_TOKENS // ctx)
+        self.ref = LlamaCpp(path, n_ctx=self.n_seq * ctx, n_threads=n_threads, n_seq=self.n_seq, bit_close=bit_close)
+        lib, vocab = self.ref.lib, self.ref.vocab
+        self.bos = int(lib.llama_vocab_bos(vocab)) if lib.llama_vocab_get_add_bos(vocab) else None
+        self.n_vocab = self.ref.n_vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's ids for the text, with add_special (as llama-perplexity tokenizes)."""
+        return self.ref.tokenize(text, add_special=True, parse_special=False)
+
+    def logits(self, chunks: np.ndarray) -> np.ndarray:
+        """float32 logits `[b, ctx - 1 - ctx/2, vocab]` at the scored positions of each chunk `[b, ctx]`
+        (first tokens already as they should be run, e.g. BOS)."""
+        first = self.ctx // 2
+        out = np.empty((len(chunks), self.ctx - 1 - first, self.n_vocab), np.float32)
+        for s0 in range(0, len(chunks), self.n_seq):
+            group = chunks[s0: s0 + self.n_seq]
+            self.ref.clear()
+            toks, pos, seqs, want = [], [], [], []
+            for s, chunk in enumerate(group):
+                toks += [int(t) for t in chunk]
+                pos += range(self.ctx)
+                seqs += [s] * self.ctx
+                want += [p >= first for p in range(self.ctx)]  # as llama-perplexity asks
+            self.ref.decode(toks, pos, seqs, want)
+            for s in range(len(group)):
+                for k in range(self.ctx - 1 - first):
+                    out[s0 + s, k] = self.ref.output_logits(s * self.ctx + first + k)  # by batch entry
+        return out
+
+    def close(self) -> None:
+        self.ref.close()
+
+
+def llamacpp_perplexity(path: str | os.PathLike, text: str | Sequence[int], ctx: int, chunks: int | None = None,
+                        n_threads: int | None = None, n_seq: int | None = None, bit_close: bool = True,
+                        progress: Progress | None = None) -> Perplexity:
+    """llama-perplexity's perplexity computed by llama.cpp (its tokenizer, its logits, the float64 sums)."""
+    t0 = time.perf_counter()
+    from ..gguf.config import LlamaConfig
+    from ..gguf.reader import read_gguf
+
+    ctx = check_ctx(ctx, LlamaConfig.from_gguf(read_gguf(path)).context_length)
+    lc = LlamaCppChunks(path, ctx, n_seq, n_threads, bit_close)
+    try:
+        tokens = lc.tokenize(text) if isinstance(text, str) else [int(t) for t in text]
+        rows = chunk_rows(tokens, ctx, chunks, lc.bos)
+        nll = np.zeros((len(rows), len(rows[0].at)), np.float64)
+        t1 = time.perf_counter()
+        for s0 in range(0, len(rows), lc.n_seq):
+            group = rows[s0: s0 + lc.n_seq]
+            logits = lc.logits(np.stack([r.tokens for r in group]))
+            for j, r in enumerate(group):
+                lp = log_softmax64(logits[j])
+                nll[s0 + j] = -lp[np.arange(len(r.targets)), r.targets]
+            if progress is not None:
+                done = s0 + len(group)
+                progress(done, len(rows), math.exp(nll[:done].mean()))
+        run_s = time.perf_counter() - t1
+    finally:
+        lc.close()
+    ppl, err = ppl_and_err(nll)
+    n_tokens = len(rows) * ctx
+    stats: dict[str, Any] = RunStats(run_s=run_s, batches=-(-len(rows) // lc.n_seq), tokens=n_tokens).as_dict()
+    return Perplexity(ppl, err, nll, ctx, len(rows), n_tokens, n_tokens / run_s, time.perf_counter() - t0, 0.0,
+                      lc.n_seq, stats)
