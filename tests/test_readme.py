@@ -16,8 +16,11 @@ def test_python_example_runs(default_gguf, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    (block,) = re.findall(r"```python\n(.*?)```", README, re.S)
-    exec(compile(block, "README.md", "exec"), {})
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:  # in order, sharing names, as a reader would paste them
+        exec(compile(block, "README.md", "exec"), namespace)
 
 
 def test_main_job_command_prints_the_layer_table(default_gguf):
