@@ -116,7 +116,8 @@ def _llama_decode(ref: Any, prompts: list[list[int]], n_new: int) -> float:
     lengths = [len(p) for p in prompts]
     ref.decode([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
                [s for s, p in enumerate(prompts) for _ in p], [i == len(p) - 1 for p in prompts for i in range(len(p))])
-    last = [int(np.argmax(ref.output_logits(s))) for s in range(len(prompts))]
+    ends = np.cumsum(lengths) - 1  # batch index of each prompt's last token
+    last = [int(np.argmax(ref.output_logits(int(e)))) for e in ends]
     t = time.perf_counter()
     for step in range(n_new - 1):
         ref.decode(last, [n + step for n in lengths], range(len(prompts)), [True] * len(prompts))

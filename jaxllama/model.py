@@ -81,6 +81,18 @@ def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
     return sum(parts[1:], parts[0]).reshape(*lead, n)
 
 
+def materialized(x: jax.Array, data: jax.Array) -> jax.Array:
+    """`x`, computed once into a buffer of its own.
+
+    XLA:CPU fuses the producer of a small vector into the matrix-vector product that reads it,
+    recomputing it for every output row: the attention output's transposes in front of
+    `attn_output` made that product 5x slower than its twins in decoding. A conditional on a
+    runtime value (`data >= -1`, always true for slots) cannot be folded away, so its result is
+    a real buffer; an optimization barrier does not survive XLA:CPU's pipeline.
+    """
+    return lax.cond(jnp.min(data) >= -1, lambda v: v, jnp.zeros_like, x)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, as ggml_rms_norm followed by ggml_mul."""
     mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
@@ -117,22 +129,31 @@ def rope_angles(
     return angles
 
 
-def apply_rope(x: jax.Array, angles: jax.Array, rope_dim: int, neox: bool = False) -> jax.Array:
-    """Rotate the first `rope_dim` dims of x `[B, T, heads, head_dim]` by `angles` `[B, T, rope_dim/2]`.
+Rotation = tuple[jax.Array, jax.Array]  # (cos, sin) of the RoPE angles, [B, T, rope_dim/2] each
+
+
+def rotation(angles: jax.Array) -> Rotation:
+    """cos and sin of the angles, computed once per forward: inside the layers they would be
+    recomputed wherever XLA fuses the rotation into a consumer (in decoding, that doubled a step)."""
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rot: Rotation, rope_dim: int, neox: bool = False) -> jax.Array:
+    """Rotate the first `rope_dim` dims of x `[B, T, heads, head_dim]` by `rot` (`rotation(angles)`).
 
     Pair i is (x[2i], x[2i+1]) (llama.cpp's "normal" RoPE, Llama GGUFs) or, with `neox`,
     (x[i], x[i + rope_dim/2]) (Qwen, Gemma).
     """
-    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    part, rest = x[..., :rope_dim], x[..., rope_dim:]
     half = rope_dim // 2
     if neox:
-        x0, x1 = rot[..., :half], rot[..., half:]
+        x0, x1 = part[..., :half], part[..., half:]
     else:
-        pairs = rot.reshape(*rot.shape[:-1], half, 2)
+        pairs = part.reshape(*part.shape[:-1], half, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    cos, sin = rot[0][:, :, None, :], rot[1][:, :, None, :]
     y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
-    out = jnp.concatenate([y0, y1], axis=-1) if neox else jnp.stack([y0, y1], axis=-1).reshape(rot.shape)
+    out = jnp.concatenate([y0, y1], axis=-1) if neox else jnp.stack([y0, y1], axis=-1).reshape(part.shape)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
@@ -200,16 +221,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: Llam
         keys = j * kb + jnp.arange(kb)
         near = keys[None, None, :] > slot_blk[:, :, None] - window
         seen = (keys[None, None, :] <= slot_blk[:, :, None]) & near & ok[:, None, :]  # [B, qb, kb]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, precision=lax.Precision.HIGHEST) * scale
-        scores = jnp.where(seen[:, None, None], scores, MASKED)
+        scores = jnp.einsum("btkgd,bskd->btkgs", q_blk, k_blk, precision=lax.Precision.HIGHEST) * scale
+        scores = jnp.where(seen[:, :, None, None], scores, MASKED)
         m_new = jnp.maximum(m, scores.max(axis=-1))
         p = jnp.exp(scores - m_new[..., None])
         alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", p, v_blk, precision=lax.Precision.HIGHEST)
+        pv = jnp.einsum("btkgs,bskd->btkgd", p, v_blk, precision=lax.Precision.HIGHEST)
         return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + pv
 
     def query_block(q_blk: jax.Array, slot_blk: jax.Array) -> jax.Array:
-        shape = (b, c.n_head_kv, c.n_group, qb)
+        shape = (b, qb, c.n_head_kv, c.n_group)
         init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, c.head_dim), jnp.float32))
         if nk == 1:
@@ -218,15 +239,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: Llam
             last = jnp.clip(slot_blk.max() // kb + 1, 1, nk)
             first = jnp.clip((jnp.maximum(slot_blk, 0).min() - window + 1) // kb, 0, last - 1)
             m, l, acc = lax.fori_loop(first, last, lambda j, cr: tile(j, cr, q_blk, slot_blk), init)
-        return acc / l[..., None]  # [B, K, G, qb, d]
+        # [B, qb, K, G, d] in the order the heads are merged in, so the output projection that
+        # XLA fuses this into reads it with a plain broadcast (a transpose there made it 5x slower)
+        return acc * (1.0 / l)[..., None]
 
     if nq == 1:
-        out = query_block(q, q_slot)[None]
+        out = query_block(q, q_slot)
     else:
         q_blocks = q.reshape(b, nq, qb, *q.shape[2:]).swapaxes(0, 1)
         out = lax.map(lambda xs: query_block(*xs), (q_blocks, q_slot.reshape(b, nq, qb).swapaxes(0, 1)))
-    out = jnp.einsum("nbkgtd->bntkgd", out).reshape(b, nq * qb, c.n_head * c.head_dim)
-    return out[:, :t]
+        out = out.swapaxes(0, 1)  # [B, nq, qb, K, G, d]
+    return out.reshape(b, nq * qb, c.n_head * c.head_dim)[:, :t]
 
 
 Tap = Callable[[str, jax.Array], jax.Array]
@@ -240,7 +263,7 @@ def no_tap(name: str, x: jax.Array) -> jax.Array:
 def block(
     x: jax.Array,
     p: Params,
-    angles: jax.Array,
+    rot: Rotation,
     vis: Visibility,
     c: LlamaConfig,
     tap: Tap = no_tap,
@@ -267,7 +290,7 @@ def block(
     def rope(name: str, y: jax.Array) -> jax.Array:
         if c.qk_norm:  # per-head RMSNorm before RoPE (Qwen3, Gemma 3)
             y = tap(f"{name}_normed", rms_norm(y, p[f"attn_{name[0].lower()}_norm"]["scale"], c.rms_eps))
-        return tap(name, apply_rope(y, angles, c.rope_dim, c.rope_neox))
+        return tap(name, apply_rope(y, rot, c.rope_dim, c.rope_neox))
 
     b, t, _ = x.shape
     h = tap("attn_norm", rms_norm(x, p["attn_norm"]["scale"], c.rms_eps))
@@ -281,7 +304,7 @@ def block(
         cache = (lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at),
                  lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at))
         k, v = cache
-    a = tap("kqv_out", attention(q, k, v, vis, c, layer=layer))
+    a = tap("kqv_out", materialized(attention(q, k, v, vis, c, layer=layer), vis.q_slot))
     o = mm("attn_output", a)
     if c.post_norms:  # Gemma's sandwich: normalise the branch before the residual add
         x = tap("sa_out", x + tap("attn_post_norm", rms_norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
@@ -358,25 +381,26 @@ def positions_and_mask(tokens: jax.Array, valid: jax.Array | None) -> tuple[jax.
     return positions, Visibility(slots, valid)
 
 
-Kinds = tuple[jax.Array, jax.Array | None]  # RoPE angles of global layers, of sliding layers (None: none slide)
+Kinds = tuple[Rotation, Rotation | None]  # RoPE of global layers, of sliding layers (None: none slide)
 
 
 def layer_kinds(c: LlamaConfig, positions: jax.Array, freq_factors: jax.Array | None) -> Kinds:
-    """RoPE angles of global layers and, when some layer slides, of sliding layers (their own
+    """RoPE rotations of global layers and, when some layer slides, of sliding layers (their own
     base and scale)."""
-    glob = rope_angles(positions, c, freq_factors)
+    glob = rotation(rope_angles(positions, c, freq_factors))
     if not c.sliding_window or not any(c.swa_layers):
         return glob, None
-    return glob, rope_angles(positions, c, freq_factors, c.rope_base_swa, c.rope_scale_swa)
+    return glob, rotation(rope_angles(positions, c, freq_factors, c.rope_base_swa, c.rope_scale_swa))
 
 
-def choose_kind(slides: jax.Array, kinds: Kinds, vis: Visibility, c: LlamaConfig) -> tuple[jax.Array, Visibility]:
-    """This layer's angles and visibility, picked by its traced flag (one scan serves both kinds)."""
+def choose_kind(slides: jax.Array, kinds: Kinds, vis: Visibility, c: LlamaConfig) -> tuple[Rotation, Visibility]:
+    """This layer's rotation and visibility, picked by its traced flag (one scan serves both kinds)."""
     glob, swa = kinds
     if swa is None:
         return glob, vis
     window = jnp.where(slides, c.sliding_window, NO_WINDOW)
-    return jnp.where(slides, swa, glob), vis._replace(window=window)
+    rot = (jnp.where(slides, swa[0], glob[0]), jnp.where(slides, swa[1], glob[1]))
+    return rot, vis._replace(window=window)
 
 
 def forward(
@@ -439,8 +463,8 @@ def forward_capture(
         x, bufs = carry
         lp, layer, slides = xs
         seen: dict[str, jax.Array] = {}
-        angles, layer_vis = choose_kind(slides, kinds, vis, c)
-        x, _ = block(x, lp, angles, layer_vis, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
+        rot, layer_vis = choose_kind(slides, kinds, vis, c)
+        x, _ = block(x, lp, rot, layer_vis, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
         emit_stats(spec, layer, seen, valid_rows, c.layer_probes, positions)
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
@@ -478,8 +502,8 @@ def forward_hidden(
 
     def body(x, xs):
         lp, slides = xs
-        angles, layer_vis = choose_kind(slides, kinds, vis, c)
-        return block(x, lp, angles, layer_vis, c, no_tap, aq)[0], None
+        rot, layer_vis = choose_kind(slides, kinds, vis, c)
+        return block(x, lp, rot, layer_vis, c, no_tap, aq)[0], None
 
     return lax.scan(body, embed(p, tokens, c), (p["layers"], jnp.asarray(c.swa_layers)))[0]
 
@@ -526,8 +550,8 @@ def forward_step(
         lp, layer, slides = xs
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
-        angles, layer_vis = choose_kind(slides, kinds, vis, c)
-        x, (ck, cv) = block(x, lp, angles, layer_vis, c, tap, aq, (ck, cv, layer, start))
+        rot, layer_vis = choose_kind(slides, kinds, vis, c)
+        x, (ck, cv) = block(x, lp, rot, layer_vis, c, tap, aq, (ck, cv, layer, start))
         emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
         return (x, ck, cv), None
 

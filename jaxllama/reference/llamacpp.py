@@ -95,7 +95,8 @@ class LlamaCpp:
             raise ReferenceUnavailableError("llama.cpp: llama_decode failed")
 
     def output_logits(self, i: int) -> np.ndarray:
-        """float32 logits `[vocab]` of the i-th requested output of the last decode (-1: the last)."""
+        """float32 logits `[vocab]` of batch entry i of the last decode (-1: the last); the entry
+        must have asked for logits."""
         ptr = self.lib.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
