@@ -205,21 +205,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: Llam
     if nq * qb != t:  # padded queries see nothing; their rows are dropped below
         q = jnp.pad(q, ((0, 0), (0, nq * qb - t), (0, 0), (0, 0), (0, 0)))
         q_slot = jnp.pad(q_slot, ((0, 0), (0, nq * qb - t)), constant_values=-1)
-    if nk * kb != s:
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
-        key_ok = jnp.pad(key_ok, ((0, 0), (0, nk * kb - s)))
     scale = np.float32(c.query_scale)
 
     def tile(j, carry, q_blk, slot_blk):
         """Fold key block j into the running (max, sum, output) of one query block."""
         m, l, acc = carry
-        at = (layer, 0, j * kb, 0, 0)
+        # The last block is read from `s - kb` when `nk * kb > s`: its keys before `j * kb` were
+        # folded in already and are masked. (Padding k and v instead would copy the whole
+        # layer-stacked cache at every layer.)
+        start = jnp.minimum(j * kb, s - kb)
+        at = (layer, 0, start, 0, 0)
         k_blk = lax.dynamic_slice(k, at, (1, b, kb, *k.shape[3:]))[0]
         v_blk = lax.dynamic_slice(v, at, (1, b, kb, *v.shape[3:]))[0]
-        ok = lax.dynamic_slice_in_dim(key_ok, j * kb, kb, axis=1)
-        keys = j * kb + jnp.arange(kb)
-        near = keys[None, None, :] > slot_blk[:, :, None] - window
+        ok = lax.dynamic_slice_in_dim(key_ok, start, kb, axis=1)
+        keys = start + jnp.arange(kb)
+        near = (keys[None, None, :] > slot_blk[:, :, None] - window) & (keys >= j * kb)[None, None, :]
         seen = (keys[None, None, :] <= slot_blk[:, :, None]) & near & ok[:, None, :]  # [B, qb, kb]
         scores = jnp.einsum("btkgd,bskd->btkgs", q_blk, k_blk, precision=lax.Precision.HIGHEST) * scale
         scores = jnp.where(seen[:, :, None, None], scores, MASKED)

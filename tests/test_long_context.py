@@ -2,6 +2,8 @@
 linearly with length, and at 2,048 positions jaxllama still matches llama.cpp (full forward and
 KV-cache decode)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 import jaxllama
 from jaxllama.model import Visibility, attention, forward_hidden, forward_jit, forward_step, init_cache
+from hlo_check import unfused
 from numpy_reference import reference_logits
 from tiny_models import TinySpec
 
@@ -33,9 +36,10 @@ def _dense(q, k, v, q_slot, key_ok):
     return out.reshape(b, t, h * d)
 
 
-@pytest.mark.parametrize("t,s,block", [(37, 37, 16), (37, 37, 64), (50, 90, 16), (1, 90, 16), (48, 48, 16)])
+@pytest.mark.parametrize("t,s,block", [(37, 37, 16), (37, 37, 64), (50, 90, 16), (1, 90, 16), (48, 48, 16), (1, 100, 16), (40, 100, 16)])
 def test_blockwise_attention_equals_dense_softmax(t, s, block):
-    """Queries at the last t of s slots (a prefill or a decode step), rows left-padded by 0, 5, 20."""
+    """Queries at the last t of s slots (a prefill or a decode step), rows left-padded by 0, 5, 20.
+    Where s is no multiple of the balanced key block (37 or 100 by 16) the last block overlaps."""
     rng = np.random.default_rng(t * s + block)
     q = rng.normal(0, 2, size=(3, t, 6, 8)).astype(np.float32)
     k = rng.normal(0, 2, size=(3, s, 2, 8)).astype(np.float32)
@@ -56,6 +60,22 @@ def test_attention_memory_grows_linearly_with_length(tiny_factory):
             for t in (2048, 4096, 8192)}
     assert temp[8192] < 0.05 * m.config.n_head * 8192 * 8192 * 4  # one layer's dense scores would be 1 GiB
     assert temp[8192] - temp[4096] <= 2.5 * (temp[4096] - temp[2048])
+
+
+def test_decode_step_updates_the_cache_in_place(tiny_factory):
+    """A cache of 1,300 slots (no multiple of the key block): the compiled decode step writes
+    the new keys into the donated cache and reads blocks of it; it never copies or pads it
+    (each such copy is the whole layer-stacked cache, at every layer)."""
+    m = jaxllama.load(tiny_factory(TinySpec(context=2048)))
+    cache = init_cache(m.config, 1, 1300)
+    step = jax.jit(lambda p, tok, cache, at: forward_step(p, tok, cache, at, jnp.zeros(1, jnp.int32), m.config),
+                   donate_argnums=(2,))
+    text = unfused(step.lower(m.params, jnp.zeros((1, 1), jnp.int32), cache, jnp.int32(700)).compile().as_text())
+    lay, b, s, kv, d = cache["k"].shape
+    made = re.findall(rf"= f32\[{lay},{b},(\d+),{kv},{d}\]\{{[^}}]*\}} ([\w-]+)\(", text)
+    assert made and {int(n) for n, _ in made} == {s}  # no padded cache
+    assert {op for _, op in made} <= {"parameter", "get-tuple-element", "fusion", "tuple"}, made
+    assert sum(op == "fusion" for _, op in made) == 2  # k and v written once per layer, in the scan body
 
 
 @pytest.fixture(scope="module")
