@@ -15,6 +15,8 @@ ratios measured in one run compare. Sections (`--only a,b`):
   memory    peak RSS of a process that loads the model and decodes 64 tokens, per layout
   tracing   cost of statistics of every probe at every layer
   tokenize  1 MB of text
+  scoring   perplexity of a text (GPL-3, ctx 512): whole run and steady state next to
+            llama-perplexity's batching, and peak RSS scoring one long row (benchmark_scoring.py)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 ISA = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
-SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize")
+SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring")
 LAYOUTS = ("native", "float32")
 CHAT = "Write one sentence about the sea."
 
@@ -64,6 +66,22 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": model, "isa": [f for f in ISA if f in flags], "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
+
+
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak resident memory in MB (`field="VmRSS"`: the current one).
+
+    Read from /proc/self/status, whose VmHWM starts afresh at exec; `getrusage().ru_maxrss`
+    does not (Linux carries it over fork and exec, so a child of a big benchmark process
+    reports its parent's peak).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _ratio(ours: float, theirs: float) -> float:
@@ -285,7 +303,7 @@ def _child_main(what: str, layout: str, path: Path) -> None:
             from .generation import generate
 
             generate(model, [model.tokenizer.encode("The history of the printing press")], 64, stop_at_eog=False)
-    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
 def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decode_tokens: int) -> dict[str, Any]:
@@ -312,6 +330,10 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
         r["memory"] = bench_memory(path)
     if "latency" in sections:
         r["latency"] = bench_latency(path, repeats)
+    if "scoring" in sections:
+        from .benchmark_scoring import bench_scoring
+
+        r["scoring"] = bench_scoring(path, repeats, threads)
     return r
 
 

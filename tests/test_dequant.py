@@ -3,11 +3,13 @@
 import warnings
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxllama
 from jaxllama.gguf.dequant import KERNELS, dequantize, supported_types
+from tiny_models import TinySpec
 
 T = gguf.GGMLQuantizationType
 REQUIRED = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -71,11 +73,6 @@ def test_default_model_params_equal_gguf_dequantization(default_gguf):
 
 
 def test_bfloat16_params_are_rounded_float32(tiny_factory):
-    import jax.numpy as jnp
-
-    import jaxllama
-    from tiny_models import TinySpec
-
     path = tiny_factory(TinySpec(matrix_type=T.Q8_0))
     f32 = jaxllama.load(path, weights="float32").params["params"]
     bf16 = jaxllama.load(path, dtype="bfloat16").params["params"]
