@@ -52,7 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", required=True, metavar="TEXT", help="UTF-8 text file to score")
     p.add_argument("--ctx", required=True, type=int, metavar="N", help="tokens per chunk; positions N/2..N-2 are scored")
     p.add_argument("--chunks", type=int, metavar="K", help="score only the first K chunks (default: all)")
-    p.add_argument("--batch", type=int, metavar="B", help="chunks per forward (default: about 2048 tokens' worth)")
+    p.add_argument("--batch", type=int, metavar="B", help="chunks per forward (default: about 512 tokens' worth)")
     p.add_argument("--json", action="store_true", help="print one JSON object with a reproduce block")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
