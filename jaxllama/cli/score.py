@@ -46,7 +46,21 @@ def start_cluster(args: argparse.Namespace) -> bool:
 
     cluster = cluster_from(args.coordinator, args.num_processes, args.process_id, args.dist_timeout)
     initialize(cluster)
+    if cluster is not None:
+        _native_stdout_to_stderr()
     return cluster is not None
+
+
+def _native_stdout_to_stderr() -> None:
+    """Keep stdout for our own output: gloo (C++) prints connection notes such as "[Gloo] Rank 1
+    is connected to 1 peer ranks" on file descriptor 1, which would corrupt `--json`. Descriptor 1
+    becomes stderr; Python's `sys.stdout` keeps writing to the real stdout."""
+    import os
+
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8")
 
 
 def add_score_parsers(sub: Any, model_arg: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -135,6 +135,13 @@ def share(n: int, index: int | None = None, count: int | None = None) -> range:
     return range(i * n // k, (i + 1) * n // k)
 
 
+def allgather(x: np.ndarray) -> np.ndarray:
+    """Every process's `x` stacked `[processes, ...]` (JAX's collective; gloo on CPU)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
 def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Arrays `[n, ...]` whose rows `share(n)` this process filled -> every process's rows.
 
@@ -142,7 +149,6 @@ def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     result equals a single process's bit for bit. A no-op in a single process.
     """
     import jax
-    from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return arrays
@@ -150,7 +156,7 @@ def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, a in arrays.items():
         wire = a.astype(np.int8) if a.dtype == bool else a.astype(np.float32)
-        everyone = np.asarray(multihost_utils.process_allgather(wire))  # [k, n, ...]
+        everyone = allgather(wire)  # [k, n, ...]
         merged = np.empty_like(a)
         for p in range(k):
             rows = share(a.shape[0], p, k)
@@ -162,12 +168,11 @@ def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def check_same_file(sha256: str, what: str = "model file") -> None:
     """Refuse to go on when the processes loaded different files (their SHA-256 differ)."""
     import jax
-    from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return
     mine = np.frombuffer(bytes.fromhex(sha256), np.uint8).astype(np.int32)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    everyone = allgather(mine)
     digests = [bytes(row.astype(np.uint8)).hex() for row in everyone]
     if len(set(digests)) > 1:
         listing = ", ".join(f"process {p}: {d[:12]}" for p, d in enumerate(digests))
