@@ -53,10 +53,7 @@ def compare_records(ref: list[dict], got: list[dict]) -> dict:
 def hlo_full_copies(model, matrices: list[list[int]], n_tokens: int) -> list[str]:
     """Shapes of full-size split matrices (either order, with or without the layer axis) among
     the compiled forward's real buffers."""
-    tokens = jax.numpy.zeros((1, n_tokens), jax.numpy.int32)
-    from jaxllama.parallel import put_rows
-
-    (tokens,) = put_rows(model.mesh, np.zeros((1, n_tokens), np.int32))
+    (tokens,) = parallel.put_rows(model.mesh, np.zeros((1, n_tokens), np.int32))
     text = unfused(forward_capture_jit.lower(model.params, tokens, model.config).compile().as_text())
     found = []
     for dims in matrices:
@@ -83,6 +80,12 @@ def main() -> None:
     if job.get("hlo"):
         want["hlo"] = hlo_full_copies(ref, job["hlo"], job["t"])
     out = {"reference_hlo": want.get("hlo")}
+    if job.get("noise"):  # the one-device float32 noise floor: the float32 layout against the native one
+        f32 = jaxllama.load(job["path"], weights="float32")
+        out["noise"] = {"batch": max(rel(a, b) for a, b in zip(f32.logits_batch(ragged), want["batch"]))}
+        if job.get("trace"):
+            out["noise"]["trace"] = compare_records(want["trace"], records(f32, ragged))["stat_rel"]
+        del f32
     for d, m in job["meshes"]:
         mesh = parallel.make_mesh(d, m)
         model = jaxllama.load(job["path"], weights=job.get("weights", "auto"), mesh=mesh, vocab=job.get("vocab", "split"))
