@@ -103,9 +103,12 @@ def test_model_split_errors_name_the_numbers():
     odd_ffn = dataclasses.replace(c, n_head_kv=3, d_ff=1537)
     with pytest.raises(InvalidInputError, match="model size 3 does not divide the feed-forward width 1537"):
         parallel.check_model_split(odd_ffn, 3)
-    with pytest.raises(InvalidInputError, match="ffn_down's input width 1536 into 512, not a multiple of its "
+    with pytest.raises(InvalidInputError, match="attn_output's input width 576 into 192, not a multiple of its "
                                                 "quantization block 256"):
         parallel.check_model_split(c, 3, block=256)
+    with pytest.raises(InvalidInputError, match="ffn_down's input width 1536 into 512, not a multiple of its "
+                                                "quantization block 128"):
+        parallel.check_model_split(dataclasses.replace(c, n_head=6, head_dim=128), 3, block=128)
     parallel.check_model_split(c, 3, block=32)
 
 
