@@ -106,9 +106,9 @@ def test_model_split_errors_name_the_numbers():
     with pytest.raises(InvalidInputError, match="attn_output's input width 576 into 192, not a multiple of its "
                                                 "quantization block 256"):
         parallel.check_model_split(c, 3, block=256)
-    with pytest.raises(InvalidInputError, match="ffn_down's input width 1536 into 512, not a multiple of its "
-                                                "quantization block 128"):
-        parallel.check_model_split(dataclasses.replace(c, n_head=6, head_dim=128), 3, block=128)
+    with pytest.raises(InvalidInputError, match="ffn_down's input width 1584 into 528, not a multiple of its "
+                                                "quantization block 32"):
+        parallel.check_model_split(dataclasses.replace(c, d_ff=1584), 3, block=32)
     parallel.check_model_split(c, 3, block=32)
 
 
