@@ -62,23 +62,25 @@ def test_tiny_model_with_4_kv_heads_on_4_devices(tmp_path, tiny_factory):
 
 def test_default_model_on_6_devices(tmp_path, default_gguf):
     job = {"path": str(default_gguf), "t": 8, "ragged": [5, 9, 3], "generate": 4, "ppl_tokens": 256, "ctx": 64,
-           "ppl_batch": 6, "trace": True, "noise": True, "meshes": [[6, 1], [2, 3], [1, 3]]}
+           "ppl_batch": 6, "trace": True, "noise": True, "meshes": [[6, 1], [2, 3], [1, 3]],
+           "full_on": [[6, 1], [2, 3]]}  # (1,3) splits the matrices as (2,3) does: logits and perplexity only
     out = run_worker(job, 6, tmp_path)
     noise = out["noise"]  # one device, float32 layout against native: float32 rounding alone
     for mesh in ("6x1", "2x3", "1x3"):
         r = out[mesh]
         assert r["one"] <= 1e-5 and r["batch_rows"] == 3, (mesh, r)
-        assert r["gen_same"], mesh
-        t = r["trace"]
-        assert t["same_keys"] and t["n_got"] == t["n_ref"] and t["max_count"] == 1, (mesh, t)
+        if mesh != "1x3":
+            assert r["gen_same"], mesh
+            t = r["trace"]
+            assert t["same_keys"] and t["n_got"] == t["n_ref"] and t["max_count"] == 1, (mesh, t)
+            assert t["stat_rel"] <= max(1e-5, noise["trace"]), (mesh, t, noise)
         if mesh == "6x1":  # rows over devices: the same sums, the same numbers
-            assert r["batch"] <= 1e-5 and r["ppl_rel"] <= 1e-6 and t["stat_rel"] <= 1e-5, r
+            assert r["batch"] <= 1e-5 and r["ppl_rel"] <= 1e-6, r
         else:  # split matrices add partial sums in another order: within one-device float32 noise
             assert r["batch"] <= max(1e-5, noise["batch"]), (mesh, r, noise)
             # 30 layers of float32 partial sums in another order move the mean NLL by ~1e-6 nats:
             # measured 1.18e-6 relative, over the 1e-6 (see the README's scaling note)
             assert r["ppl_rel"] <= 2e-6, (mesh, r)
-            assert t["stat_rel"] <= max(1e-5, noise["trace"]), (mesh, t, noise)
 
 
 # ---- in this process (one CPU device) -------------------------------------------------------------
