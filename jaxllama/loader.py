@@ -38,6 +38,8 @@ class Model:
     tensor_types: dict[str, str] = field(default_factory=dict, repr=False)
     #: static plan of llama.cpp activation quantization to emulate (see `with_act_quant`)
     act_quant: tuple[tuple[str, str | None], ...] | None = field(default=None, repr=False)
+    #: the `("data", "model")` mesh the parameters are placed on (None: one device)
+    mesh: Any = field(default=None, repr=False)
 
     @cached_property
     def sha256(self) -> str:
@@ -92,22 +94,36 @@ class Model:
                            self.tensor_types)
 
 
-def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: str | None = None) -> Model:
+def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: str | None = None,
+         mesh: Any = None, vocab: str = "split") -> Model:
     """Load a model: a GGUF path, a file written by `Model.save`, or None for the default model.
 
     `weights` is how matrices and the embedding are held (arithmetic is float32 in every case):
     "auto"/"native" keeps GGUF's quantized blocks (the same values as float32, a quarter of the
     memory, faster decoding; see `gguf/convert.py`), "float32" dequantizes, "bfloat16" rounds
-    to bfloat16 (lossy). `dtype` is its older name. Raises a `JaxLlamaError` subclass with a
+    to bfloat16 (lossy). `dtype` is its older name. With `mesh` (a `jax.sharding.Mesh` with axes
+    `("data", "model")`, see `parallel.make_mesh`) the parameters are placed on it by the table in
+    `parallel/rules.py` (`vocab`: "split" or "replicated" embedding and output); batches then split
+    over "data". Raises a `JaxLlamaError` subclass with a
     one-line message on bad input.
     """
     weights = check_weights(weights) if dtype is None else check_weights(dtype, "dtype")
     path = default_model_path() if model is None else Path(model)
     if is_saved(path):
         s = load_saved(path, weights)
-        return Model(s.config, s.params, s.metadata, s.source, s.source_sha256, s.tensor_types)
+        return Model(s.config, _placed(s.params, s.config, mesh, vocab), s.metadata, s.source, s.source_sha256,
+                     s.tensor_types, mesh=mesh)
     f = read_gguf(path)
     config = LlamaConfig.from_gguf(f)
     params = params_from_gguf(f, config, weights)
     types = {name: t.type_name for name, t in f.tensors.items()}
-    return Model(config, params, f.metadata, path, None, types)
+    return Model(config, _placed(params, config, mesh, vocab), f.metadata, path, None, types, mesh=mesh)
+
+
+def _placed(params: Params, config: LlamaConfig, mesh: Any, vocab: str) -> Params:
+    """`params` on `mesh` by the sharding table (unchanged without a mesh)."""
+    if mesh is None:
+        return params
+    from .parallel import shard_params
+
+    return shard_params(params, mesh, config, vocab)

@@ -12,13 +12,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from .errors import InvalidInputError
 from .gguf.config import LlamaConfig
 from .gguf.default_model import cache_dir
 from .model import forward_capture_jit
+from .parallel.placement import put_rows
 from .tracing.recorder import active_recorder
 
 
@@ -77,19 +77,21 @@ def run_forward(model: Any, tokens: np.ndarray, valid: np.ndarray | None, scan_l
     rec = active_recorder()
     spec = rec.spec_for(model.config) if rec else None
     if rec:
-        rec.begin_call()
+        rec.begin_call(rows=tokens.shape[0])
+    rows = tokens.shape[0]
+    tokens_d, valid_d = put_rows(getattr(model, "mesh", None), tokens, valid)  # split over "data", padded
     out, captures = forward_capture_jit(
         model.params,
-        jnp.asarray(tokens),
+        tokens_d,
         model.config,
-        None if valid is None else jnp.asarray(valid),
+        valid_d,
         scan_layers=scan_layers,
         probes=spec,
         act_quant=model.act_quant,
     )
     if rec:
-        rec.end_call(captures)
-    out = np.asarray(out)
+        rec.end_call({k: v[:, :rows] if k in model.config.layer_probes else v[:rows] for k, v in captures.items()})
+    out = np.asarray(out[:rows])
     if not np.isfinite(out).all():
         where = "see the recorder's nonfinite()" if rec else "run it under jaxllama.trace() to find where they start"
         warnings.warn(f"logits contain NaN or Inf; {where}", RuntimeWarning, stacklevel=3)

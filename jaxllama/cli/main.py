@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .generate import add_sampling_args, cmd_chat, cmd_generate
-from .score import add_score_parsers, cmd_kl_divergence, cmd_perplexity
+from .score import add_mesh_arg, add_score_parsers, cmd_kl_divergence, cmd_perplexity, mesh_of
 from ..errors import InvalidInputError, JaxLlamaError
 from ..gguf.convert import WEIGHTS as WEIGHT_CHOICES
 from ..runner import use_compilation_cache
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the .npy array")
     lg.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
                     help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
+    add_mesh_arg(lg)
     tr = sub.add_parser("trace", help="statistics of every probe at every layer (rms, min, max, mean, NaN/Inf)")
     _model_arg(tr)
     _input_args(tr)
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--per-position", action="store_true", help="one record per token position")
     tr.add_argument("--json", action="store_true", help="print {\"records\": [...], \"reproduce\": {...}}")
     tr.add_argument("--plot", metavar="FILE.png", help="save a plot of rms across layers")
+    add_mesh_arg(tr)
 
     cp = sub.add_parser("compare", help="compare every probe with llama.cpp's tensors; report the first divergence")
     _model_arg(cp)
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     _input_args(gen)
     add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print tokens, text, speeds and settings as JSON")
+    add_mesh_arg(gen)
 
     chat = sub.add_parser("chat", help="an interactive conversation using the file's chat template")
     _model_arg(chat)
@@ -85,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
                     help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     add_sampling_args(chat)
+    add_mesh_arg(chat)
     add_score_parsers(sub, _model_arg)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
     from ..benchmark import add_arguments
@@ -337,7 +341,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 def _load_model(args: argparse.Namespace) -> Any:
     from ..loader import load
 
-    return load(_model_path(args.model), weights=args.weights)
+    return load(_model_path(args.model), weights=args.weights, mesh=mesh_of(args))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

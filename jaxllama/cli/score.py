@@ -15,8 +15,54 @@ from typing import Any, Callable
 from ..errors import InvalidInputError
 
 DTYPES = ["float32", "native", "bfloat16"]
-SCORING_HELP = ("weight layout: float32 (default: fastest for batched scoring), native (GGUF blocks kept, "
-                "exact, a quarter of the memory), bfloat16 (lossy)")
+SCORING_HELP = ("weight layout: float32 (default), native (GGUF blocks kept: the same values, a quarter of "
+                "the memory, about the same scoring speed), bfloat16 (lossy)")
+
+
+def add_mesh_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", metavar="DATAxMODEL", help="split over a device mesh, e.g. 2x2: rows over DATA devices, "
+                                                       "matrices over MODEL devices (default: one device)")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many processes (jax.distributed; or JAXLLAMA_COORDINATOR, JAXLLAMA_NUM_PROCESSES, "
+                             "JAXLLAMA_PROCESS_ID, JAXLLAMA_DIST_TIMEOUT)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which hosts the coordinator")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in all")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (process 0 prints)")
+    g.add_argument("--dist-timeout", type=int, metavar="S", help="seconds to wait for the coordinator (60)")
+
+
+def mesh_of(args: argparse.Namespace) -> Any:
+    """The mesh `--mesh` names over this process's devices, or None."""
+    if not getattr(args, "mesh", None):
+        return None
+    from ..parallel import make_mesh, parse_mesh
+
+    return make_mesh(*parse_mesh(args.mesh))
+
+
+def start_cluster(args: argparse.Namespace) -> bool:
+    """Join the processes the flags (or environment) name, before any JAX work; True in a cluster."""
+    from ..parallel import cluster_from, initialize
+
+    cluster = cluster_from(args.coordinator, args.num_processes, args.process_id, args.dist_timeout)
+    initialize(cluster)
+    if cluster is not None:
+        _native_stdout_to_stderr()
+    return cluster is not None
+
+
+def _native_stdout_to_stderr() -> None:
+    """Keep stdout for our own output: gloo (C++) prints connection notes such as "[Gloo] Rank 1
+    is connected to 1 peer ranks" on file descriptor 1, which would corrupt `--json`. Descriptor 1
+    becomes stderr; Python's `sys.stdout` keeps writing to the real stdout."""
+    import os
+
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8")
 
 
 def add_score_parsers(sub: Any, model_arg: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -55,6 +101,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, metavar="B", help="chunks per forward (default: about 512 tokens' worth)")
     p.add_argument("--json", action="store_true", help="print one JSON object with a reproduce block")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mesh_arg(p)
+    add_cluster_args(p)
 
 
 class _Bar:
@@ -103,10 +151,12 @@ def _gguf_path(arg: str | None, what: str) -> Path:
     return p
 
 
-def _load(path: Path, dtype: str, act_quant: bool) -> Any:
+def _load(path: Path, dtype: str, act_quant: bool, mesh: Any = None) -> Any:
     from ..loader import load
+    from ..parallel import check_same_file
 
-    model = load(path, dtype=dtype)
+    model = load(path, dtype=dtype, mesh=mesh)
+    check_same_file(model.sha256)  # every process must hold the same file (a no-op in one process)
     return model.with_act_quant() if act_quant else model
 
 
@@ -125,6 +175,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     _check_positive(args)
     text = read_text(args.file)
     path = _gguf_path(args.model, "--model")
+    if start_cluster(args) and args.llamacpp:
+        raise InvalidInputError("--llamacpp runs in one process; leave out --coordinator")
     bar = _Bar(args.quiet, "perplexity", "ppl")
     try:
         if args.llamacpp:
@@ -137,11 +189,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             who = SimpleNamespace(source=path, sha256=sha256_file(path), dtype="llama.cpp",
                                   config=LlamaConfig.from_gguf(read_gguf(path)))
         else:
-            who = _load(path, args.dtype, args.act_quant)
+            who = _load(path, args.dtype, args.act_quant, mesh_of(args))
             r = perplexity(who, text, args.ctx, args.chunks, args.batch, progress=bar)
     finally:
         bar.close()
     wall = time.perf_counter() - t0
+    if not _prints():
+        return 0
     if args.json:
         settings = _file_settings(args) | {"engine": "llama.cpp" if args.llamacpp else "jaxllama",
                                            "act_quant": args.act_quant, "batch_used": r.batch_size}
@@ -163,6 +217,8 @@ def cmd_kl_divergence(args: argparse.Namespace) -> int:
     _check_positive(args)
     text = read_text(args.file)
     model_path = _gguf_path(args.model, "--model")
+    start_cluster(args)
+    mesh = mesh_of(args)
     if args.base_logprobs is not None:
         if args.base is not None:
             raise InvalidInputError("--base-logprobs replaces the base run; leave out --base")
@@ -172,14 +228,16 @@ def cmd_kl_divergence(args: argparse.Namespace) -> int:
         if args.base_llamacpp:
             base = LlamaCppBase(base_path, args.threads)
         else:
-            base = _load(base_path, args.base_dtype, args.base_act_quant)
-    model = _load(model_path, args.dtype, args.act_quant)
+            base = _load(base_path, args.base_dtype, args.base_act_quant, mesh)
+    model = _load(model_path, args.dtype, args.act_quant, mesh)
     bar = _Bar(args.quiet, "kl-divergence", "kld")
     try:
         r = kl_divergence(base, model, text, args.ctx, args.chunks, args.batch, progress=bar, save_base=args.save_base)
     finally:
         bar.close()
     wall = time.perf_counter() - t0
+    if not _prints():
+        return 0
     if args.json:
         settings = _file_settings(args) | {"act_quant": args.act_quant, "base": r.base,
                                            "base_settings": {"dtype": args.base_dtype, "act_quant": args.base_act_quant}}
@@ -189,6 +247,13 @@ def cmd_kl_divergence(args: argparse.Namespace) -> int:
     if args.save_base:
         print(f"saved the base log-probs to {args.save_base}", file=sys.stderr)
     return 0
+
+
+def _prints() -> bool:
+    """Whether this process prints the result (process 0, or the only one)."""
+    from ..parallel import is_main
+
+    return is_main()
 
 
 def report(s: dict[str, Any], base: dict[str, Any], wall: float) -> str:

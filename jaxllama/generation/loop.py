@@ -24,6 +24,7 @@ import numpy as np
 from ..gguf.config import LlamaConfig
 from ..errors import InvalidInputError
 from ..model import Params, forward_step, init_cache
+from ..parallel.placement import padded_rows, put_rows, put_state, shardings_of
 from ..tracing.probes import ProbeSpec
 from ..tracing.recorder import active_recorder
 from .sampling import Sampler, sample
@@ -128,7 +129,7 @@ _COMPILED: dict[Any, Any] = {}
 
 def _compiled(name: str, fn, static: Static, *args):
     """Ahead-of-time compile `fn` for these shapes (cached), donating the decode state."""
-    key = (name, static, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+    key = (name, static, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)), shardings_of(args))
     if key not in _COMPILED:
         donate = (len(args) - 1,)  # the state
         jitted = jax.jit(partial(fn, st=static), donate_argnums=donate)
@@ -181,6 +182,20 @@ def _prepare(
     return tokens, pad, state
 
 
+def _placed(model: Any, rows: list[list[int]], seeds: list[int], max_new: int,
+            sampler: Sampler) -> tuple[jax.Array, jax.Array, State]:
+    """Prompts, pads and the initial state on the model's devices. On a mesh, rows are padded to a
+    multiple of the data size (repeating the last prompt; results keep only the caller's rows),
+    split over "data", and the KV cache is split by rows and KV heads (`placement.CACHE_SPEC`)."""
+    mesh = getattr(model, "mesh", None)
+    n = padded_rows(len(rows), mesh)
+    if n > len(rows):
+        rows, seeds = rows + [rows[-1]] * (n - len(rows)), seeds + [seeds[-1]] * (n - len(seeds))
+    tokens, pad, state = _prepare(rows, model.config, max_new, sampler, seeds)
+    tokens_d, pad_d = put_rows(mesh, tokens, pad)
+    return tokens_d, pad_d, put_state(mesh, state)
+
+
 def _static(model: Any, tokens: np.ndarray, max_new: int, sampler: Sampler, stop_at_eog: bool) -> Static:
     eog = tuple(sorted(model.tokenizer.eog_ids)) if stop_at_eog else ()
     rec = active_recorder()
@@ -223,9 +238,8 @@ def generate(
     """Generate for a batch of token-id prompts in one on-device loop (`lax.while_loop`)."""
     rows = [model.check_tokens(r, f"prompts[{i}]").tolist() for i, r in enumerate(prompts)]
     seeds = _seeds(seed, len(rows))
-    tokens, pad, state = _prepare(rows, model.config, max_new_tokens, sampler, seeds)
+    tokens, pad, state = _placed(model, rows, seeds, max_new_tokens, sampler)
     st = _static(model, tokens, max_new_tokens, sampler, stop_at_eog)
-    tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
     with _recorded(rows):
         t0 = time.perf_counter()
         prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
@@ -236,7 +250,7 @@ def generate(
         t3 = time.perf_counter()
         state = jax.block_until_ready(loop(model.params, pad, state))
         t4 = time.perf_counter()
-    out = np.asarray(state.out)
+    out = np.asarray(state.out)[: len(rows)]
     gens, reasons = [], []
     for row in out:
         ids = [int(t) for t in row if t >= 0]
@@ -261,9 +275,8 @@ def stream(
     If `timings` is given it receives prefill_s, decode_s, compile_s and the token counts.
     """
     row = model.check_tokens(prompt, "prompt").tolist()
-    tokens, pad, state = _prepare([row], model.config, max_new_tokens, sampler, [seed])
+    tokens, pad, state = _placed(model, [row], [seed], max_new_tokens, sampler)
     st = _static(model, tokens, max_new_tokens, sampler, stop_at_eog)
-    tokens, pad = jnp.asarray(tokens), jnp.asarray(pad)
     t = timings if timings is not None else {}
     with _recorded([row]):
         t0 = time.perf_counter()

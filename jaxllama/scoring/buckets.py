@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..parallel.placement import put_rows
 from .kernels import compiled
 
 MIN_BUCKET = 16
@@ -112,13 +112,16 @@ def run(model: Any, batches: Sequence[Batch], fn: Callable, stats: RunStats, ext
     """Run the kernel `fn` (see `kernels`) over the batches; yield each batch with its device outputs.
 
     `extra(batch)` may supply more arguments (KL's base log-probs). Compilation happens ahead of
-    time on a bucket's first batch and is timed apart from the runs.
+    time on a bucket's first batch and is timed apart from the runs. On a model with a mesh, the
+    rows are split over "data" (padded to a multiple of its size: outputs may hold extra rows
+    after the batch's own, which callers never read).
     """
+    mesh = getattr(model, "mesh", None)
     statics = {"config": model.config, "act_quant": model.act_quant, **statics}
     for b in batches:
-        args = (model.params, jnp.asarray(b.tokens), jnp.asarray(b.valid), jnp.asarray(b.at), jnp.asarray(b.targets))
+        args = (model.params, *put_rows(mesh, b.tokens, b.valid, b.at, b.targets))
         if extra is not None:
-            args += tuple(extra(b))
+            args += put_rows(mesh, *extra(b))
         exe, spent = compiled(fn, statics, *args)
         if spent:
             stats.compilations += 1

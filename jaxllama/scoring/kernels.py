@@ -100,7 +100,8 @@ def compiled(fn: Callable, statics: dict[str, Any], *args: Any) -> tuple[Callabl
     Returns the executable and the seconds spent compiling it now (0.0 when it was cached).
     """
     leaves, tree = jax.tree.flatten(args)
-    key = (fn.__name__, tuple(sorted(statics.items())), tree, tuple((np.shape(a), jnp.result_type(a)) for a in leaves))
+    key = (fn.__name__, tuple(sorted(statics.items())), tree, tuple((np.shape(a), jnp.result_type(a)) for a in leaves),
+           tuple(getattr(a, "sharding", None) for a in leaves))  # a program is compiled for its inputs' shardings
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t = time.perf_counter()

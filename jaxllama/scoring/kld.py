@@ -26,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InvalidInputError
-from .buckets import Batch, RunStats, check_batch_size, plan, run
+from ..parallel.placement import put_rows
+from .buckets import Batch, RunStats, check_batch_size, run
 from .kernels import compiled, kl_rows, score_rows
-from .perplexity import Progress, bos_for, check_ctx, chunk_rows, default_batch, text_tokens
+from ..parallel.distributed import gather_rows, share
+from .perplexity import Progress, bos_for, check_ctx, chunk_rows, default_batch, plan_share, text_tokens
 
 SAVED_FORMAT = "jaxllama-base-logprobs-1"
 
@@ -61,7 +63,7 @@ class ModelBase:
 
     def logprobs(self, b: Batch, first: int) -> Any:
         m = self.model
-        args = (m.params, jnp.asarray(b.tokens), jnp.asarray(b.valid), jnp.asarray(b.at), jnp.asarray(b.targets))
+        args = (m.params, *put_rows(getattr(m, "mesh", None), b.tokens, b.valid, b.at, b.targets))
         exe, spent = compiled(score_rows, {"config": m.config, "act_quant": m.act_quant, "top_k": 0, "full": True}, *args)
         self.compile_s += spent
         return exe(*args)["full"]
@@ -248,7 +250,9 @@ def kl_divergence(base: Any, model: Any, text: str | Sequence[int], ctx: int, ch
 
     `base`: a `Model`, `LlamaCppBase(path)` or `SavedBase(path)`. The text is tokenized by `model`
     (both must share the vocabulary). `save_base` writes the base log-probs for reuse
-    (`SavedBase`); `progress(done, total, running mean KLD)` follows the chunks.
+    (`SavedBase`); `progress(done, total, running mean KLD)` follows the chunks. Under
+    `jax.distributed` each process scores its share of the chunks and the per-position values are
+    gathered (`save_base` is then refused: each process holds only its chunks' base).
     """
     t0 = time.perf_counter()
     src = _as_base(base)
@@ -260,7 +264,10 @@ def kl_divergence(base: Any, model: Any, text: str | Sequence[int], ctx: int, ch
     rows = chunk_rows(tokens, ctx, chunks, bos_for(model))
     if isinstance(src, SavedBase):
         src.check(np.asarray(tokens[: len(rows) * ctx], np.int32), ctx)
-    bs = batch_size or default_batch(ctx, len(rows))
+    mine = share(len(rows))
+    if save_base is not None and len(mine) != len(rows):
+        raise InvalidInputError("--save-base needs a single process (each process sees only its chunks)")
+    bs = batch_size or default_batch(ctx, max(1, len(mine)), getattr(model, "mesh", None))
     first, n = ctx // 2, len(rows[0].at)
     shape = (len(rows), n)
     kld, nll, nll_base = np.zeros(shape), np.zeros(shape), np.zeros(shape)
@@ -276,20 +283,23 @@ def kl_divergence(base: Any, model: Any, text: str | Sequence[int], ctx: int, ch
         return (lp,)
 
     try:
-        for b, out in run(model, plan(rows, bs, model.config.context_length, width=ctx), kl_rows, rs, extra=base_of):
+        for b, out in run(model, plan_share(rows, mine, bs, model.config.context_length, ctx), kl_rows, rs,
+                          extra=base_of):
             host = {k: np.asarray(v)[:, :n] for k, v in out.items()}
             for j, i in enumerate(b.rows):
                 if i >= 0:
                     kld[i], nll[i], nll_base[i], same[i] = host["kld"][j], host["nll"][j], host["nll_base"][j], host["same_top"][j]
                     done += 1
             if progress is not None:
-                progress(done, len(rows), float(kld[:done].mean()))
+                progress(done, len(mine), float(kld[mine.start:mine.start + done].mean()))
         if saving is not None:
             saving.write(np.asarray(tokens[: len(rows) * ctx], np.int32), ctx, src.describe, src.vocab)
     finally:
         src.close()  # frees llama.cpp's context or the loaded log-probs; the source stays reusable
         if saving is not None:
             saving.discard()
+    full = gather_rows({"kld": kld, "nll": nll, "nll_base": nll_base, "same": same})
+    kld, nll, nll_base, same = full["kld"], full["nll"], full["nll_base"], full["same"]
     n_tokens = len(rows) * ctx
     return KLDivergence(kl_summary(kld, nll, nll_base, same), kld, nll, nll_base, same, ctx, len(rows), n_tokens,
                         n_tokens / rs.run_s if rs.run_s else float("nan"), time.perf_counter() - t0,

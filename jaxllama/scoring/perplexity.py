@@ -23,7 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InvalidInputError
-from .buckets import Row, RunStats, check_batch_size, plan, run
+from ..parallel.distributed import gather_rows, share
+from ..parallel.placement import padded_rows
+from .buckets import Batch, Row, RunStats, check_batch_size, plan, run
 from .kernels import score_rows
 
 Progress = Callable[[int, int, float], None]  # (chunks done, chunks in all, running ppl)
@@ -100,8 +102,17 @@ def bos_for(model: Any) -> int | None:
     return tok.bos_id if tok.add_bos else None
 
 
-def default_batch(ctx: int, n_chunks: int) -> int:
-    return max(1, min(n_chunks, FORWARD_TOKENS // ctx))
+def default_batch(ctx: int, n_chunks: int, mesh: Any = None) -> int:
+    """About `FORWARD_TOKENS` tokens of chunks, rounded up to a multiple of the mesh's data size."""
+    return padded_rows(max(1, min(n_chunks, FORWARD_TOKENS // ctx)), mesh)
+
+
+def plan_share(rows: Sequence[Row], mine: range, batch_size: int, limit: int, ctx: int) -> list[Batch]:
+    """`plan` of this process's rows `mine`, with `Batch.rows` naming rows of the whole list."""
+    batches = plan([rows[i] for i in mine], batch_size, limit, width=ctx)
+    for b in batches:
+        b.rows = [mine[i] if i >= 0 else -1 for i in b.rows]
+    return batches
 
 
 def ppl_and_err(nll: np.ndarray) -> tuple[float, float]:
@@ -141,7 +152,9 @@ def perplexity(model: Any, text: str | Sequence[int], ctx: int, chunks: int | No
     """llama-perplexity's perplexity of `text` (or of token ids, taken as already tokenized) at `ctx`.
 
     `batch_size` chunks share one forward (default: about 512 tokens' worth); `progress` is
-    called after each batch with (chunks done, chunks in all, running ppl).
+    called after each batch with (chunks done, chunks in all, running ppl). Under
+    `jax.distributed` each process scores its share of the chunks (`parallel.share`) and the
+    per-token NLLs are gathered, so every process returns the whole result (timings are its own).
     """
     t0 = time.perf_counter()
     ctx = check_ctx(ctx, model.config.context_length)
@@ -149,11 +162,12 @@ def perplexity(model: Any, text: str | Sequence[int], ctx: int, chunks: int | No
         check_batch_size(batch_size)
     tokens = text_tokens(model, text)
     rows = chunk_rows(tokens, ctx, chunks, bos_for(model))
-    bs = batch_size or default_batch(ctx, len(rows))
+    mine = share(len(rows))
+    bs = batch_size or default_batch(ctx, max(1, len(mine)), getattr(model, "mesh", None))
     rs = RunStats()
     nll = np.zeros((len(rows), len(rows[0].at)), np.float64)
     done, total = 0, 0.0
-    for b, out in run(model, plan(rows, bs, model.config.context_length, width=ctx), score_rows, rs,
+    for b, out in run(model, plan_share(rows, mine, bs, model.config.context_length, ctx), score_rows, rs,
                       top_k=0, full=False):
         lp = np.asarray(out["logprob"])
         for j, i in enumerate(b.rows):
@@ -162,7 +176,8 @@ def perplexity(model: Any, text: str | Sequence[int], ctx: int, chunks: int | No
                 total += nll[i].sum()
                 done += 1
         if progress is not None:
-            progress(done, len(rows), math.exp(total / (done * nll.shape[1])))
+            progress(done, len(mine), math.exp(total / (done * nll.shape[1])))
+    nll = gather_rows({"nll": nll})["nll"]
     ppl, err = ppl_and_err(nll)
     n_tokens = len(rows) * ctx
     return Perplexity(ppl, err, nll, ctx, len(rows), n_tokens, n_tokens / rs.run_s if rs.run_s else float("nan"),

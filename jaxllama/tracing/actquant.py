@@ -187,4 +187,8 @@ def with_act_quant(model: Any, enabled: bool = True) -> Any:
                 raise GGUFFormatError(f"{model.source}: SHA-256 {actual[:12]}... differs from the saved model's "
                                       f"source {model.source_sha256[:12]}...; it is not the file the model came from")
         params = with_block_mins(params, read_gguf(model.source), plan, model.config.n_layer)
+        if getattr(model, "mesh", None) is not None:  # the new `mins` leaves join the others on the mesh
+            from ..parallel.rules import param_shardings
+
+            params = jax.device_put(params, param_shardings(params, model.mesh))
     return dataclasses.replace(model, act_quant=plan, params=params)

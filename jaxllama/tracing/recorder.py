@@ -76,6 +76,7 @@ class Recorder:
         self.captured: list[dict[str, np.ndarray]] = []  # per call
         self._call = -1
         self._prompt_lengths: np.ndarray | None = None  # per row, while a generation is recorded
+        self._rows: int | None = None  # the caller's rows in the running call (None: all)
         self._kept_layers: tuple[int, ...] = ()
         self._order: tuple[str, ...] = ORDER
 
@@ -90,10 +91,14 @@ class Recorder:
         self._kept_layers = tuple(range(c.n_layer)) if self.capture_layers is None else tuple(sorted(set(self.capture_layers)))
         return self.spec
 
-    def begin_call(self, prompt_lengths: Sequence[int] | None = None) -> None:
-        """A forward call starts; for a generation, `prompt_lengths` per row (records get a `step`)."""
+    def begin_call(self, prompt_lengths: Sequence[int] | None = None, rows: int | None = None) -> None:
+        """A forward call starts; for a generation, `prompt_lengths` per row (records get a `step`).
+
+        Only the first `rows` rows (default: one per prompt length, else all) are recorded: rows a
+        mesh's data axis added as padding are not the caller's."""
         self._call += 1
         self._prompt_lengths = None if prompt_lengths is None else np.asarray(prompt_lengths)
+        self._rows = len(prompt_lengths) if rows is None and prompt_lengths is not None else rows
 
     def end_call(self, captures: dict[str, Any] | None = None) -> None:
         jax.effects_barrier()
@@ -107,7 +112,7 @@ class Recorder:
             return
         one_token = positions.shape[1] == 1  # a decode step: every record is one token's
         for probe, values in stats.items():
-            for row in range(values.shape[0]):
+            for row in range(values.shape[0] if self._rows is None else min(self._rows, values.shape[0])):
                 if self.spec.per_position:
                     for t in range(values.shape[1]):
                         if valid[row, t]:
