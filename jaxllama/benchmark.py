@@ -69,11 +69,12 @@ def machine() -> dict[str, Any]:
 
 
 def peak_rss_mb(field: str = "VmHWM") -> float:
-    """This process's peak resident memory in MB (`field="VmRSS"`: the current one).
+    """This process's peak resident memory in MB (or another /proc/self/status field: VmRSS is
+    the current one).
 
-    Read from /proc/self/status, whose VmHWM starts afresh at exec; `getrusage().ru_maxrss`
-    does not (Linux carries it over fork and exec, so a child of a big benchmark process
-    reports its parent's peak).
+    VmHWM starts afresh at exec; `getrusage().ru_maxrss`, the fallback off Linux, does not
+    (Linux carries it over fork and exec, so a child of a big benchmark process reports its
+    parent's peak).
     """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -194,12 +195,20 @@ def _child(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def child_json(args: list[str], timeout: float = 1800) -> tuple[dict[str, Any], float]:
+    """Run `python *args`, whose last line of output is one JSON object: that object and the wall time."""
+    t = time.perf_counter()
+    done = _child(args, timeout)
+    wall = time.perf_counter() - t
+    if done.returncode:
+        raise RuntimeError(f"benchmark child {' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+
 def _child_rss(path: Path, what: str, layout: str) -> float:
     """Peak RSS (MB) of a fresh process that only does `what` (see `_child_main`)."""
-    done = _child(["-m", "jaxllama.benchmark", "--child", what, "--weights", layout, "--model", str(path)])
-    if done.returncode:
-        raise RuntimeError(f"benchmark child {what} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    cmd = ["-m", "jaxllama.benchmark", "--child", what, "--weights", layout, "--model", str(path)]
+    return child_json(cmd, timeout=600)[0]["peak_rss_mb"]
 
 
 def bench_memory(path: Path) -> dict[str, Any]:

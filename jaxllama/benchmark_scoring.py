@@ -14,14 +14,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from .benchmark import child_json
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -54,16 +51,6 @@ print(json.dumps({"rss_after_load_mb": loaded, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
-def _child(args: list[str]) -> tuple[dict[str, Any], float]:
-    """Run a child process that prints one JSON line last; its result and wall time."""
-    t = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
-    wall = time.perf_counter() - t
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark child failed: {' '.join(args[:4])}...\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), wall
-
-
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
@@ -72,10 +59,10 @@ def bench_scoring(path: Path, repeats: int, threads: int, ctx: int = 512, text: 
                   memory_lengths: tuple[int, ...] = (1024, 8192)) -> dict[str, Any]:
     """Perplexity of `text` at `ctx`: whole-run wall time and steady-state tokens/s, both sides."""
     r: dict[str, Any] = {"text": text, "ctx": ctx}
-    cmd = [sys.executable, "-m", "jaxllama", "perplexity", "--model", str(path), "--file", text, "--ctx", str(ctx),
+    cmd = ["-m", "jaxllama", "perplexity", "--model", str(path), "--file", text, "--ctx", str(ctx),
            "--json", "--quiet"]
     for layout in ("float32", "native"):  # the CLI's default for scoring first
-        runs = [_child(cmd + ["--weights", layout]) for _ in range(repeats)]
+        runs = [child_json(cmd + ["--weights", layout]) for _ in range(repeats)]
         ours = [o for o, _ in runs]
         scored = ours[0]["n_chunks"] * (ctx - 1 - ctx // 2)
         r[f"jaxllama_{layout}"] = {
@@ -84,7 +71,7 @@ def bench_scoring(path: Path, repeats: int, threads: int, ctx: int = 512, text: 
             "tok_s": _med([o["tok_s"] for o in ours]), "scored_tok_s": _med([o["tok_s"] * scored / o["n_tokens"] for o in ours]),
             "runs_process_wall_s": [round(w, 3) for _, w in runs]}
     for name, bit_close in (("llama_cpp", "0"), ("llama_cpp_bit_close", "1")):
-        theirs = [_child([sys.executable, "-c", LLAMACPP, str(path), text, str(ctx), str(threads), bit_close])[0]
+        theirs = [child_json(["-c", LLAMACPP, str(path), text, str(ctx), str(threads), bit_close])[0]
                   for _ in range(repeats)]
         r[name] = {"ppl": theirs[0]["ppl"], "wall_s_from_model_load": _med([x["wall_s"] for x in theirs]),
                    "tok_s": _med([x["tok_s"] for x in theirs]),
@@ -97,7 +84,7 @@ def bench_scoring(path: Path, repeats: int, threads: int, ctx: int = 512, text: 
         for layout in ("float32", "native")}
     mem = {}
     for n in memory_lengths:
-        out, _ = _child([sys.executable, "-c", MEMORY, str(path), text, str(n)])
+        out, _ = child_json(["-c", MEMORY, str(path), text, str(n)])
         mem[str(n)] = {k: round(v, 1) for k, v in out.items()} | {
             "growth_mb": round(out["peak_rss_mb"] - out["rss_after_load_mb"], 1)}  # the peak may be the load's
     r["memory_one_row"] = mem
