@@ -27,10 +27,10 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..parallel.placement import put_rows
-from .buckets import Batch, RunStats, check_batch_size, run
+from .buckets import Batch, RunStats, run
 from .kernels import compiled, kl_rows, score_rows
-from ..parallel.distributed import gather_rows, share
-from .perplexity import Progress, bos_for, check_ctx, chunk_rows, default_batch, plan_share, text_tokens
+from ..parallel.distributed import gather_rows
+from .perplexity import Chunks, Progress, plan_share
 
 SAVED_FORMAT = "jaxllama-base-logprobs-1"
 
@@ -257,17 +257,12 @@ def kl_divergence(base: Any, model: Any, text: str | Sequence[int], ctx: int, ch
     t0 = time.perf_counter()
     src = _as_base(base)
     check_same_vocab(src.vocab, model, "the base")
-    ctx = check_ctx(ctx, model.config.context_length)
-    if batch_size is not None:
-        check_batch_size(batch_size)
-    tokens = text_tokens(model, text)
-    rows = chunk_rows(tokens, ctx, chunks, bos_for(model))
+    c = Chunks.of(model, text, ctx, chunks, batch_size)
+    ctx, tokens, rows, mine, bs = c.ctx, c.tokens, c.rows, c.mine, c.batch_size
     if isinstance(src, SavedBase):
         src.check(np.asarray(tokens[: len(rows) * ctx], np.int32), ctx)
-    mine = share(len(rows))
     if save_base is not None and len(mine) != len(rows):
         raise InvalidInputError("--save-base needs a single process (each process sees only its chunks)")
-    bs = batch_size or default_batch(ctx, max(1, len(mine)), getattr(model, "mesh", None))
     first, n = ctx // 2, len(rows[0].at)
     shape = (len(rows), n)
     kld, nll, nll_base = np.zeros(shape), np.zeros(shape), np.zeros(shape)

@@ -115,6 +115,28 @@ def plan_share(rows: Sequence[Row], mine: range, batch_size: int, limit: int, ct
     return batches
 
 
+@dataclass
+class Chunks:
+    """llama-perplexity's chunks of a text (checked `ctx`), this process's share and the batch size."""
+
+    ctx: int
+    tokens: list[int]
+    rows: list[Row]
+    mine: range  # the rows this process scores (all of them in one process)
+    batch_size: int
+
+    @classmethod
+    def of(cls, model: Any, text: str | Sequence[int], ctx: Any, chunks: int | None, batch_size: int | None) -> "Chunks":
+        ctx = check_ctx(ctx, model.config.context_length)
+        if batch_size is not None:
+            check_batch_size(batch_size)
+        tokens = text_tokens(model, text)
+        rows = chunk_rows(tokens, ctx, chunks, bos_for(model))
+        mine = share(len(rows))
+        bs = batch_size or default_batch(ctx, max(1, len(mine)), getattr(model, "mesh", None))
+        return cls(ctx, tokens, rows, mine, bs)
+
+
 def ppl_and_err(nll: np.ndarray) -> tuple[float, float]:
     """`exp(mean nll)` and llama.cpp's standard error of it (float64 sums)."""
     v = np.asarray(nll, np.float64).ravel()
@@ -157,13 +179,8 @@ def perplexity(model: Any, text: str | Sequence[int], ctx: int, chunks: int | No
     per-token NLLs are gathered, so every process returns the whole result (timings are its own).
     """
     t0 = time.perf_counter()
-    ctx = check_ctx(ctx, model.config.context_length)
-    if batch_size is not None:
-        check_batch_size(batch_size)
-    tokens = text_tokens(model, text)
-    rows = chunk_rows(tokens, ctx, chunks, bos_for(model))
-    mine = share(len(rows))
-    bs = batch_size or default_batch(ctx, max(1, len(mine)), getattr(model, "mesh", None))
+    c = Chunks.of(model, text, ctx, chunks, batch_size)
+    ctx, rows, mine, bs = c.ctx, c.rows, c.mine, c.batch_size
     rs = RunStats()
     nll = np.zeros((len(rows), len(rows[0].at)), np.float64)
     done, total = 0, 0.0
