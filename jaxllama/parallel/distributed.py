@@ -113,12 +113,6 @@ def initialize(cluster: Cluster | None) -> None:
                                initialization_timeout=cluster.timeout)
 
 
-def process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
 def is_main() -> bool:
     """True in process 0 (the one that prints)."""
     import jax
