@@ -20,7 +20,8 @@ from jax import lax
 from .tracing.actquant import fake_quant, ggml_gelu, q8_1_sum_correction
 from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
-from .gguf.convert import Params, is_native, native_values
+from . import kernels
+from .gguf.convert import NATIVE_KEYS, Params, is_native, is_packed, native_values
 from .tracing.probes import (
     ProbeSpec,
     capture_slots,
@@ -55,30 +56,59 @@ GEMV_CHUNK = 2048  # activation floats per chunk: under XLA:CPU's 16 KiB limit f
 def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
     """`x [..., K] @ W.T` for a native leaf W `[N, K]` = scale * q (+ offset), in float32.
 
-    With one row (batch-1 decoding) the matrix is written so XLA:CPU fuses the dequantization
-    into the matrix-vector product and never builds W in float32: GGUF's `[N, K]` order, `x` of
-    shape (1, K) with K under 16 KiB of floats, longer K split into chunks whose partial sums an
+    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. With a few rows
+    (decoding) on CPU the product is `kernels.gemv`, which reads the blocks in place; otherwise
+    `xla_native_dense` on this layer's blocks.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k).astype(jnp.float32)
+    layer = leaf.get("layer")
+    blocks = {key: leaf[key] for key in NATIVE_KEYS if key in leaf}
+    if "sharded" in leaf:  # on a mesh (`rules.mark_sharded`): XLA's product, which it can partition
+        blocks = blocks if layer is None else {key: v[layer] for key, v in blocks.items()}
+        return xla_native_dense(rows, blocks).reshape(*lead, -1)
+    return kernels.gemv(rows, blocks, layer, xla_native_dense).reshape(*lead, -1)
+
+
+def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
+    """`rows [M, K] @ W.T` for one layer's native leaf, in pure JAX.
+
+    With one row the matrix is written so XLA:CPU fuses the dequantization into the
+    matrix-vector product and never builds W in float32: GGUF's `[N, K]` order, `x` of shape
+    (1, K) with K under 16 KiB of floats, longer K split into chunks whose partial sums an
     optimization barrier keeps apart (REFERENCE §7). With more rows W is dequantized once per
     call, which costs little next to the matrix product.
     """
-    q = leaf["q"]
-    n, k = q.shape
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, k).astype(jnp.float32)
+    q, k = leaf["q"], rows.shape[-1]
+    per_byte = 2 if is_packed(leaf) else 1
     if rows.shape[0] > 1:
-        out = jnp.matmul(rows, native_values(leaf).T, precision=lax.Precision.HIGHEST)
-        return out.reshape(*lead, n)
+        return jnp.matmul(rows, native_values(leaf).T, precision=lax.Precision.HIGHEST)
     sub = k // leaf["scale"].shape[-1]
-    step = max(sub, GEMV_CHUNK // sub * sub)
+    step = max(32, GEMV_CHUNK // 32 * 32)  # whole blocks (and whole packed units of 32 values)
     parts = []
     for a in range(0, k, step):
         b = min(a + step, k)
         piece = {key: leaf[key][:, a // sub: b // sub] for key in ("scale", "offset") if key in leaf}
-        w = native_values({"q": q[:, a:b], **piece})
+        w = native_values({"q": q[:, a // per_byte: b // per_byte], **piece})
         parts.append(jnp.matmul(rows[:, a:b], w.T, precision=lax.Precision.HIGHEST))
     if len(parts) > 1:
         parts = list(lax.optimization_barrier(tuple(parts)))
-    return sum(parts[1:], parts[0]).reshape(*lead, n)
+    return sum(parts[1:], parts[0])
+
+
+def layer_params(layers: Params, layer: jax.Array | int) -> Params:
+    """Layer `layer`'s leaves from the layer-stacked `layers`. A native matrix stays stacked, with
+    `"layer"` added: the CPU kernel reads that layer in place, where slicing it out would copy it
+    (a custom call takes whole buffers)."""
+    def one(node: Any) -> Any:
+        if is_native(node):
+            out = {k: (v if k in NATIVE_KEYS else v[layer]) for k, v in node.items() if v is not None}
+            return {**out, "layer": jnp.asarray(layer, jnp.int32), **({"sharded": None} if "sharded" in node else {})}
+        if isinstance(node, dict):
+            return {k: one(v) for k, v in node.items()}
+        return node[layer]
+
+    return one(layers)
 
 
 def materialized(x: jax.Array, data: jax.Array) -> jax.Array:
@@ -327,7 +357,7 @@ def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> ja
     """Token embeddings `[B, T, D]` in float32 (times `embed_scale`, sqrt(d_model) for Gemma)."""
     leaf = p["token_embd"]
     if is_native(leaf):  # gather the rows' blocks, then dequantize just those rows
-        rows = {k: jnp.take(v, tokens, axis=0) for k, v in leaf.items() if k in ("q", "scale", "offset")}
+        rows = {k: jnp.take(v, tokens, axis=0) for k, v in leaf.items() if k in NATIVE_KEYS}
         x = native_values(rows)
     else:
         x = jnp.take(leaf["embedding"], tokens, axis=0).astype(jnp.float32)
@@ -344,7 +374,7 @@ def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], 
     if c.tied_output:
         embd = p["token_embd"]
         if is_native(embd):  # [V, D] is already the output matrix's [N, K]
-            leaf.update({k: v for k, v in embd.items() if k in ("q", "scale", "offset")})
+            leaf.update({k: v for k, v in embd.items() if k in NATIVE_KEYS + ("sharded",)})
         else:
             leaf["kernel"] = embd["embedding"].T
     return tap("result_output", project(x, leaf, aq.get("output")))
@@ -461,7 +491,8 @@ def forward_capture(
 
     def body(carry, xs):
         x, bufs = carry
-        lp, layer, slides = xs
+        layer, slides = xs
+        lp = layer_params(p["layers"], layer)
         seen: dict[str, jax.Array] = {}
         rot, layer_vis = choose_kind(slides, kinds, vis, c)
         x, _ = block(x, lp, rot, layer_vis, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
@@ -469,7 +500,7 @@ def forward_capture(
         bufs = store_captures(bufs, seen, slot_table[layer])
         return (x, bufs), None
 
-    xs = (p["layers"], jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
+    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
     if scan_layers:
         (x, bufs), _ = lax.scan(body, (x, bufs), xs)
     else:
@@ -501,11 +532,12 @@ def forward_hidden(
     kinds = layer_kinds(c, positions, p["rope"]["freq_factors"] if c.has_rope_freqs else None)
 
     def body(x, xs):
-        lp, slides = xs
+        layer, slides = xs
         rot, layer_vis = choose_kind(slides, kinds, vis, c)
-        return block(x, lp, rot, layer_vis, c, no_tap, aq)[0], None
+        return block(x, layer_params(p["layers"], layer), rot, layer_vis, c, no_tap, aq)[0], None
 
-    return lax.scan(body, embed(p, tokens, c), (p["layers"], jnp.asarray(c.swa_layers)))[0]
+    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
+    return lax.scan(body, embed(p, tokens, c), xs)[0]
 
 
 def forward_step(
@@ -547,7 +579,8 @@ def forward_step(
 
     def body(carry, xs):
         x, ck, cv = carry
-        lp, layer, slides = xs
+        layer, slides = xs
+        lp = layer_params(p["layers"], layer)
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
         rot, layer_vis = choose_kind(slides, kinds, vis, c)
@@ -557,7 +590,7 @@ def forward_step(
 
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
-    xs = (p["layers"], jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
+    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
     (x, k, v), _ = lax.scan(body, (embed(p, tokens, c, gtap), cache["k"], cache["v"]), xs)
     logits = head(p, x, c, aq, gtap)
     emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)

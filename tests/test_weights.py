@@ -1,8 +1,9 @@
-"""The native weight layout: GGUF's blocks kept on device as int8 q, scale and offset.
+"""The native weight layout: GGUF's blocks kept on device as int8 (or packed 4-bit) q, scale
+and offset.
 
 It holds exactly the values the float32 layout holds (checked against gguf.quants, the numpy
 oracle and the float32 path), it is the default, and batch-1 decoding multiplies without ever
-building a float32 matrix (checked in the compiled program).
+building a float32 matrix (checked in the compiled program), with the CPU kernel or without.
 """
 
 import warnings
@@ -15,9 +16,10 @@ import pytest
 
 import jaxllama
 from jaxllama.generation import generate
-from jaxllama.gguf.convert import native_values
+from jaxllama import kernels
+from jaxllama.gguf.convert import PACKED_QMIN, _shift_to_unsigned, native_values, pack_nibbles, unpack_nibbles
 from jaxllama.gguf.dequant import AFFINE, affine_blocks
-from jaxllama.model import forward_step, init_cache, native_dense
+from jaxllama.model import forward_step, init_cache, xla_native_dense
 from hlo_check import unfused
 from numpy_reference import reference_logits
 from test_model import TOKENS, VARIANTS
@@ -38,6 +40,24 @@ def test_affine_blocks_hold_gguf_quants_values(t):
     got = np.asarray(native_values(leaf))
     finite = np.isfinite(want)
     assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    if t in PACKED_QMIN:  # two values per byte, shifted to 0..15: still gguf.quants' values, bit for bit
+        q, scale, offset = _shift_to_unsigned((q, scale, offset), PACKED_QMIN[t])
+        assert int(q.min()) >= 0 and int(q.max()) <= 15
+        packed = {"q": pack_nibbles(q), "scale": scale, **({} if offset is None else {"offset": offset})}
+        assert packed["q"].dtype == jnp.uint8 and packed["q"].shape == (3, 4 * block)
+        got = np.asarray(native_values(packed))
+        assert np.array_equal(got[finite], want[finite])  # equal values; a zero may lose its sign (-0.0 -> 0.0)
+        nonzero = finite & (want != 0)
+        assert np.array_equal(got[nonzero].view(np.uint32), want[nonzero].view(np.uint32))
+
+
+def test_nibble_packing_is_gguf_order_and_round_trips():
+    q = jnp.asarray(np.random.default_rng(0).integers(0, 16, size=(2, 3, 64)), jnp.int8)
+    p = np.asarray(pack_nibbles(q))
+    assert p.shape == (2, 3, 32)
+    np.testing.assert_array_equal(p[..., :16] & 15, np.asarray(q[..., :16]))  # low nibbles: values 0..15
+    np.testing.assert_array_equal(p[..., :16] >> 4, np.asarray(q[..., 16:32]))  # high: 16..31
+    np.testing.assert_array_equal(np.asarray(unpack_nibbles(jnp.asarray(p))), np.asarray(q))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -60,6 +80,8 @@ def test_quantized_tiny_model_is_native_and_smaller(tiny_factory):
     assert nbytes(native) < 0.4 * nbytes(f32)
     v = native.params["params"]["layers"]["attn_v"]  # Q4_K, and Q2_K (groups of 16, offsets) in layer 1
     assert set(v) == {"q", "scale", "offset"} and v["scale"].shape[-1] == 256 // 16
+    assert v["q"].dtype == jnp.uint8  # both 4-bit at most: packed two per byte
+    assert native.params["params"]["layers"]["ffn_down"]["q"].dtype == jnp.int8  # has Q6_K layers: int8
 
 
 def test_default_model_native_matches_float32(default_gguf, default_model):
@@ -73,18 +95,21 @@ def test_default_model_native_matches_float32(default_gguf, default_model):
 
 
 def test_one_row_product_never_builds_the_float32_matrix(default_model):
-    """The compiled decode step holds no float32 copy of any layer matrix (XLA fused the
-    dequantization into the matrix-vector products)."""
+    """The compiled decode step holds no float32 copy of any layer matrix: on CPU the products
+    are the kernel's custom calls on the stacked blocks, and without the kernel XLA fuses the
+    dequantization into the matrix-vector products."""
     m = default_model
+    assert m.params["params"]["layers"]["ffn_up"]["q"].dtype == jnp.uint8  # Q4_1: packed
     cache = init_cache(m.config, 1, 64)
     step = jax.jit(forward_step, static_argnames=("config",))
     text = unfused(step.lower(m.params, jnp.zeros((1, 1), jnp.int32), cache, jnp.int32(3), jnp.zeros(1, jnp.int32),
                               m.config).compile().as_text())
     for shape in ("f32[576,576]", "f32[192,576]", "f32[1536,576]", "f32[576,1536]", "f32[49152,576]"):
         assert shape not in text, shape
+    assert kernels.available() and text.count(f'custom_call_target="{kernels.TARGET}"') >= 8  # 7 per layer + head
     leaf = {k: v[0] for k, v in m.params["params"]["layers"]["ffn_up"].items()}  # [1536, 576], with offsets
-    for rows, built in ((1, False), (2, True)):  # the control: with two rows the matrix is built
-        text = unfused(jax.jit(native_dense).lower(jnp.zeros((rows, 576)), leaf).compile().as_text())
+    for rows, built in ((1, False), (2, True)):  # XLA's own form; the control: with two rows the matrix is built
+        text = unfused(jax.jit(xla_native_dense).lower(jnp.zeros((rows, 576)), leaf).compile().as_text())
         assert ("f32[1536,576]" in text) == built
 
 
@@ -96,7 +121,7 @@ def test_long_rows_are_split_and_still_exact():
             "scale": jnp.asarray(rng.random((64, k // 32)), jnp.float32)}
     x = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
     want = np.asarray(x, np.float64) @ np.asarray(native_values(leaf), np.float64).T
-    got = np.asarray(jax.jit(native_dense)(x, leaf))
+    got = np.asarray(jax.jit(xla_native_dense)(x, leaf))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 

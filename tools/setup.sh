@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install jaxllama with its dev extras (pytest, the llama.cpp reference) into ./.venv, from nothing.
+# Install jaxllama with its dev extras (pytest, the llama.cpp reference) into ./.venv, from nothing,
+# and compile its CPU kernels.
 #
 # llama-cpp-python compiles llama.cpp (7-10 min on 2 cores, once per CPU flag set). It is built
 # for the CPU this runs on: GGML_NATIVE off, AMX off, each AVX/FMA/F16C/AVX-512 option on only
@@ -21,4 +22,7 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 fi
 .venv/bin/python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# jaxllama's CPU kernels (quantized matrix-vector products, jax.ffi): a few seconds with the system
+# C++ compiler, for any x86 CPU (AVX-512, AVX2 or portable code is picked at run time).
+.venv/bin/python -m jaxllama.kernels
 echo "installed into $(pwd)/.venv"

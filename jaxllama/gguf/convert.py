@@ -34,7 +34,9 @@ default) keeps each quantized GGUF matrix as its blocks, in GGUF's `[out, in]` o
 `{"q": int8 [L, N, K], "scale": float32 [L, N, K/g], "offset": float32 [L, N, K/g]}` (offset
 only where the type has one), every value exactly `scale * q + offset`, i.e. exactly what the
 float32 layout holds, at a quarter of its size; the embedding likewise (`[V, D]`, which is also
-the tied output matrix). F32/F16/BF16 matrices stay float32 kernels in every layout.
+the tied output matrix). Types of at most 4 bits (`PACKED_QMIN`: Q4_0, Q4_1, Q4_K, Q3_K, Q2_K)
+keep two values per byte instead, as GGUF does: `q` uint8 `[L, N, K/2]` (`pack_nibbles`), the
+values shifted to 0..15 with the shift moved into `offset`, still exactly the same values. F32/F16/BF16 matrices stay float32 kernels in every layout.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Weight layouts: "native" keeps GGUF's quantized blocks (exact values, int8 + scales), the
 #: float ones dequantize. "auto" is the fastest exact layout: native.
 WEIGHTS = ("auto", "native", "float32", "bfloat16")
+#: The arrays of a native leaf (it may hold others: `mins`, `bias`).
+NATIVE_KEYS = ("q", "scale", "offset")
 
 
 def check_dtype(dtype: str) -> Any:
@@ -79,14 +83,64 @@ def check_weights(weights: str, what: str = "weights") -> str:
     return "native" if weights == "auto" else weights
 
 
+#: Types whose q spans at most 16 values, from this minimum: their native q is packed two per byte.
+PACKED_QMIN = {
+    GGMLQuantizationType.Q4_0: -8,
+    GGMLQuantizationType.Q4_1: 0,
+    GGMLQuantizationType.Q4_K: 0,
+    GGMLQuantizationType.Q3_K: -4,
+    GGMLQuantizationType.Q2_K: 0,
+}
+
+
+def pack_nibbles(q: jax.Array) -> jax.Array:
+    """Values 0..15 `[..., K]` -> uint8 `[..., K/2]`, as GGUF packs Q4 blocks: per 32 values,
+    16 bytes whose low nibbles hold values 0..15 and high nibbles values 16..31."""
+    u = q.astype(jnp.uint8).reshape(*q.shape[:-1], q.shape[-1] // 32, 2, 16)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*q.shape[:-1], q.shape[-1] // 2)
+
+
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """The inverse of `pack_nibbles`, as int8 `[..., K]`."""
+    b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 16, 16)
+    q = jnp.concatenate([b & 0x0F, b >> 4], axis=-1).astype(jnp.int8)
+    return q.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def is_packed(leaf: Params) -> bool:
+    """A native leaf whose q holds two 4-bit values per byte (uint8)."""
+    return leaf["q"].dtype == jnp.uint8
+
+
+def native_width(leaf: Params) -> int:
+    """K, the input width of a native leaf (two values per byte of a packed q)."""
+    return leaf["q"].shape[-1] * (2 if is_packed(leaf) else 1)
+
+
 def native_values(leaf: Params) -> jax.Array:
     """The float32 values `[..., N, K]` of a native leaf: scale * q (+ offset), exactly."""
     q, scale = leaf["q"], leaf["scale"]
+    if is_packed(leaf):
+        q = unpack_nibbles(q)
     groups = scale.shape[-1]
     v = scale[..., None] * q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).astype(jnp.float32)
     if "offset" in leaf:
         v = v + leaf["offset"][..., None]
     return v.reshape(q.shape)
+
+
+def _shift_to_unsigned(part: tuple[jax.Array, jax.Array, jax.Array | None], qmin: int) -> tuple:
+    """(q, scale, offset) -> (q - qmin, scale, offset + qmin * scale): every value unchanged.
+
+    Exact in float32: qmin is 0 or a small power of two (-4, -8) and those types have no offset,
+    so qmin * scale is exact, and scale * (q - qmin) + qmin * scale rounds to the exact value
+    scale * q, which float32 represents (scale has at most 17 significant bits here). Only a
+    zero's sign can change (-0.0 becomes 0.0), which no sum of products can tell.
+    """
+    q, scale, offset = part
+    if qmin == 0:
+        return part
+    return q - jnp.int8(qmin), scale, scale * np.float32(qmin) if offset is None else offset + scale * np.float32(qmin)
 
 
 def is_native(leaf: Any) -> bool:
@@ -105,7 +159,7 @@ def convert_params(params: Params, weights: str) -> Params:
     def walk(node: Any, key: str | None) -> Any:
         if is_native(node):
             values = native_values(node)
-            rest = {k: v for k, v in node.items() if k not in ("q", "scale", "offset")}
+            rest = {k: v for k, v in node.items() if k not in NATIVE_KEYS + ("sharded",)}
             if key == "token_embd":
                 return {**rest, "embedding": values.astype(target)}
             return {**rest, "kernel": jnp.swapaxes(values, -1, -2).astype(target)}
@@ -220,7 +274,12 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: 
     for path, kind, groups in spec:
         if native and kind in ("kernel", "embedding") and all(t in AFFINE for t, _ in groups):
             parts = [affine_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])]
+            packed = all(t in PACKED_QMIN for t, _ in groups)
+            if packed:
+                parts = [_shift_to_unsigned(part, PACKED_QMIN[t]) for (t, _), part in zip(groups, parts)]
             stacked = _stack_native(parts, [i for _, layers in groups for i in layers])
+            if packed:
+                stacked["q"] = pack_nibbles(stacked["q"])
             base = path.rsplit("/", 1)[0]
             out.update({f"{base}/{k}": v for k, v in stacked.items()})
             continue

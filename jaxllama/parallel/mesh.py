@@ -80,6 +80,9 @@ def check_model_split(c: LlamaConfig, model: int, block: int | None = None) -> N
 def native_block(params: dict) -> int | None:
     """The quantization block of the native row-split matrices (attn_output, ffn_down), or None."""
     layers = params["params"]["layers"]
-    blocks = [layers[n]["q"].shape[-1] // layers[n]["scale"].shape[-1]
+    from ..gguf.convert import is_packed, native_width
+
+    # a packed q splits in whole units of 32 values (16 bytes)
+    blocks = [max(native_width(layers[n]) // layers[n]["scale"].shape[-1], 32 if is_packed(layers[n]) else 0)
               for n in ("attn_output", "ffn_down") if isinstance(layers.get(n), dict) and "q" in layers[n]]
     return max(blocks) if blocks else None

@@ -15,14 +15,14 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..gguf.config import LlamaConfig
-from ..gguf.convert import Params
+from ..gguf.convert import NATIVE_KEYS, Params
 from .mesh import check_model_split, mesh_sizes, native_block
 
 #: split by output columns: each shard computes whole heads (whole KV-head groups) or FFN columns
 OUT_SPLIT = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
 #: split by input rows: each shard multiplies its heads / FFN columns; the partial sums are all-reduced
 IN_SPLIT = ("attn_output", "ffn_down")
-NATIVE = ("q", "scale", "offset")
+NATIVE = NATIVE_KEYS
 
 #: The table: '/'-joined parameter path -> PartitionSpec. VOCAB paths follow `vocab=`.
 RULES: dict[str, P] = {
@@ -90,4 +90,14 @@ def shard_params(params: Params, mesh: Mesh, config: LlamaConfig, vocab: str = D
         raise InvalidInputError(f"vocab: must be one of {', '.join(VOCAB_CHOICES)}, not {vocab!r}")
     _, model = mesh_sizes(mesh)
     check_model_split(config, model, native_block(params))
-    return jax.device_put(params, param_shardings(params, mesh, vocab))
+    return mark_sharded(jax.device_put(params, param_shardings(params, mesh, vocab)))
+
+
+def mark_sharded(node: Any) -> Any:
+    """Native leaves of a placed pytree get `"sharded": None` (no array, but part of the pytree's
+    structure, so jit traces them apart): their products stay XLA's, which the partitioner can
+    split, instead of the single-device CPU kernel (`model.native_dense`)."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: mark_sharded(v) for k, v in node.items()}
+    return {**out, "sharded": None} if "q" in node else out

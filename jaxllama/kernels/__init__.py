@@ -1,0 +1,176 @@
+"""Native CPU kernels registered with XLA through `jax.ffi`, with pure-JAX fallbacks.
+
+One kernel today: `gemv`, the product of a few activation rows with a quantized weight matrix in
+jaxllama's native layout (`q` int8, `scale`, `offset`), without building the float32 matrix.
+XLA:CPU fuses dequantization into a matrix-vector product on one thread only (REFERENCE §7); this
+kernel shares the rows out among XLA's intra-op threads and is vectorized for the CPU it runs on
+(AVX-512, AVX2, or portable C++, chosen when the library loads).
+
+The C++ source ships with the package and is compiled on the user's machine with the system C++
+compiler: by `tools/setup.sh` at install time, otherwise on first use, into the jaxllama cache
+(`kernels/gemv-<hash>.so`, the hash covering the source, jaxlib and the compiler). Without a
+compiler, off x86, on GPU/TPU or with `JAXLLAMA_KERNELS=0`, the same function runs as pure JAX,
+giving the same numbers up to float summation order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..errors import JaxLlamaError
+
+SOURCES = ("gemv.cc", "gemv_body.inc")
+TARGET = "jaxllama_gemv_v1"
+#: Rows of x up to which the kernel is used; more rows are a matrix product XLA does better.
+MAX_ROWS = 16
+
+
+class KernelBuildError(JaxLlamaError):
+    """The C++ kernels could not be compiled (no compiler, or it failed)."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use: `$CXX`, else c++, g++ or clang++ on the PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_path(cxx: str | None = None) -> Path:
+    """Where the compiled kernels live: named after the sources, jaxlib and the compiler."""
+    from ..gguf.default_model import cache_dir
+    import jaxlib
+
+    cxx = cxx or compiler() or "none"
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    h.update(jaxlib.__version__.encode())
+    h.update(_compiler_version(cxx).encode())
+    return cache_dir() / "kernels" / f"gemv-{h.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels for this machine (a few seconds) unless already built; the path of the
+    shared library. Raises `KernelBuildError` with the compiler's message on failure."""
+    cxx = compiler()
+    if cxx is None:
+        raise KernelBuildError("no C++ compiler found (set CXX): the kernels run as pure JAX")
+    out = library_path(cxx)
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi", "-Wno-attributes",
+           f"-I{jax.ffi.include_dir()}", str(Path(__file__).parent / "gemv.cc"), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        os.unlink(tmp)
+        raise KernelBuildError(f"{cxx} failed to run: {e}") from None
+    if done.returncode != 0:
+        os.unlink(tmp)
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise KernelBuildError(f"{cxx} could not compile jaxllama/kernels/gemv.cc: {last}")
+    os.replace(tmp, out)  # atomic: concurrent builders never load a half-written library
+    return out
+
+
+def enabled() -> bool:
+    """Whether kernels may be used at all (`JAXLLAMA_KERNELS=0` turns them off)."""
+    return os.environ.get("JAXLLAMA_KERNELS", "1") != "0"
+
+
+@lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    """Build if needed, load and register the kernels once per process; None (with one
+    warning) when they cannot be had, so callers fall back to pure JAX."""
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllamaGemv), platform="cpu")
+        lib.JaxllamaKernelIsa.restype = ctypes.c_char_p
+        return lib
+    except (KernelBuildError, OSError, AttributeError) as e:
+        warnings.warn(f"jaxllama: CPU kernels unavailable, using pure JAX ({e})", stacklevel=3)
+        return None
+
+
+def available() -> bool:
+    """True when the CPU kernels are enabled, built and registered in this process."""
+    return enabled() and _library() is not None
+
+
+def isa() -> str:
+    """What the CPU matrix products run as: "avx512", "avx2" or "portable" (the kernel's path for
+    this CPU, `JAXLLAMA_KERNEL_ISA` forcing a narrower one), or "xla" without kernels."""
+    return _library().JaxllamaKernelIsa().decode() if available() else "xla"
+
+
+def stacked(leaf: dict, layer: jax.Array | int | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(q, scale, offset, layer index) of a native leaf as the kernel takes them: `[L, N, ...]`
+    arrays (a 2-D leaf becomes one layer) and an int32 `[1]` index; a missing offset is `[L, N, 0]`."""
+    q, scale = leaf["q"], leaf["scale"]
+    if layer is None:
+        q, scale = q[None], scale[None]
+    offset = leaf.get("offset")
+    if offset is None:
+        offset = jnp.zeros((*scale.shape[:-1], 0), jnp.float32)
+    elif layer is None:
+        offset = offset[None]
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    return q, scale, offset, index
+
+
+def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -> jax.Array:
+    """`rows [M, K] @ W.T` for a native leaf W, through the CPU kernel when this process has it,
+    else `fallback(rows, leaf_of_this_layer)`. With `layer`, `leaf` holds every layer's blocks
+    (`[L, N, K]`) and the product uses layer `layer` without copying it out."""
+
+    def sliced() -> dict:
+        if layer is None:
+            return leaf
+        return {k: lax.dynamic_index_in_dim(v, layer, keepdims=False) for k, v in leaf.items()}
+
+    if not (rows.shape[0] <= MAX_ROWS and available()):
+        return fallback(rows, sliced())
+    q, scale, offset, index = stacked(leaf, layer)
+    out = jax.ShapeDtypeStruct((rows.shape[0], q.shape[1]), jnp.float32)
+
+    def on_cpu(rows, q, scale, offset, index):
+        return jax.ffi.ffi_call(TARGET, out)(rows, q, scale, offset, index)
+
+    def elsewhere(rows, q, scale, offset, index):
+        return fallback(rows, sliced())
+
+    return lax.platform_dependent(rows, q, scale, offset, index, cpu=on_cpu, default=elsewhere)
+
+
+def main() -> int:
+    """`python -m jaxllama.kernels`: build the kernels now (tools/setup.sh runs this)."""
+    try:
+        print(f"jaxllama kernels: {build(force='--force' in sys.argv)}")
+    except KernelBuildError as e:
+        print(f"jaxllama kernels: not built: {e}; pure JAX will be used", file=sys.stderr)
+    return 0

@@ -1,0 +1,241 @@
+// Matrix-vector products on GGUF-style quantized weights, for XLA:CPU through jax.ffi.
+//
+// out[m, n] = sum_g scale[n, g] * sum_{i in g} x[m, i] * q[n, i]  +  sum_g offset[n, g] * xsum[m, g]
+//
+// which is x @ W.T for W = scale * q + offset (per group of `group` values along K), computed in
+// float32 without ever building W. q is int8 [N, K], or uint8 [N, K / 2] holding 4-bit values
+// packed as GGUF packs Q4 blocks: per 32 values, 16 bytes, low nibbles = values 0..15, high
+// nibbles = values 16..31. Rows of W are shared out among XLA's intra-op threads.
+//
+// One source, compiled for AVX-512, AVX2 and portable C++ (gemv_body.inc included three times);
+// the CPU is asked at load time which to use, so one build runs on any x86-64 (and elsewhere).
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Software prefetch distance in bytes of q. Without it one thread streamed at about half the
+// machine's per-thread read bandwidth; 4-16 KiB measured alike (decode, 2-core Xeon).
+constexpr int64_t kAhead = 8192;
+constexpr int kMaxRows = 4;  // rows of x handled per pass over a row of W (which stays in L1)
+
+struct Problem {
+  const float* x;       // [M, K]
+  const uint8_t* q;     // [N, K] int8, or [N, K / 2] packed
+  const float* scale;   // [N, G]
+  const float* offset;  // [N, G] or null
+  const float* xsum;    // [M, G] sums of x per group (for the offsets)
+  float* out;           // [M, N]
+  int64_t m, n, k, groups, group;
+  bool packed;
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+using V = __m512;
+constexpr int L = 16;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V broadcast(float s) { return _mm512_set1_ps(s); }
+inline V loadx(const float* p) { return _mm512_loadu_ps(p); }
+inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+inline V weights_i8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline V weights_u4(const uint8_t* p, int64_t high) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtepi32_ps(high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15)));
+}
+inline void unpack32(const uint8_t* p, V* w) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+#include "gemv_body.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = __m256;
+constexpr int L = 8;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V broadcast(float s) { return _mm256_set1_ps(s); }
+inline V loadx(const float* p) { return _mm256_loadu_ps(p); }
+inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline V weights_i8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline V weights_u4(const uint8_t* p, int64_t high) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_cvtepi32_ps(high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15)));
+}
+inline void unpack32(const uint8_t* p, V* w) {
+  const __m256i mask = _mm256_set1_epi32(15);
+  const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#include "gemv_body.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // x86
+
+// Portable C++ for any other CPU (one float per "vector"; the compiler may vectorize it).
+namespace portable {
+using V = float;
+constexpr int L = 1;
+inline V zero() { return 0.f; }
+inline V broadcast(float s) { return s; }
+inline V loadx(const float* p) { return *p; }
+inline V fma(V a, V b, V c) { return a * b + c; }
+inline float hsum(V v) { return v; }
+inline V weights_i8(const uint8_t* p) { return static_cast<float>(static_cast<int8_t>(*p)); }
+inline V weights_u4(const uint8_t* p, int64_t high) { return static_cast<float>(high ? *p >> 4 : *p & 15); }
+inline void unpack32(const uint8_t* p, V* w) {
+  for (int i = 0; i < 16; ++i) {
+    w[i] = static_cast<float>(p[i] & 15);
+    w[i + 16] = static_cast<float>(p[i] >> 4);
+  }
+}
+#include "gemv_body.inc"
+}  // namespace portable
+
+using RowsRange = void (*)(const Problem&, int64_t, int64_t);
+
+struct Path {
+  RowsRange rows;
+  const char* isa;
+};
+
+Path pick() {
+  // JAXLLAMA_KERNEL_ISA=avx2|portable forces a narrower path (tests run every path on one machine).
+  const char* forced = std::getenv("JAXLLAMA_KERNEL_ISA");
+  const std::string isa = forced ? forced : "";
+  if (isa == "portable") return {portable::rows_range, "portable"};
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return {avx512::rows_range, "avx512"};
+  if (avx2) return {avx2::rows_range, "avx2"};
+#endif
+  return {portable::rows_range, "portable"};
+}
+
+const Path chosen = pick();
+const RowsRange rows_range = chosen.rows;
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// One call's work: chunks of rows of W handed out through an atomic counter, to the calling
+// thread and to tasks on XLA's intra-op pool. The caller takes chunks too, so a call finishes even
+// if no task ever runs; the state is shared, so a task that starts late finds nothing left.
+// (A pool of our own spinning threads was measured slower: it competes with XLA's threads.)
+struct Job {
+  Problem p;
+  std::vector<float> xsum;
+  int64_t chunk, chunks;
+  std::atomic<int64_t> next{0}, done{0};
+  void work() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      rows_range(p, c * chunk, std::min(p.n, (c + 1) * chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                    ffi::Buffer<ffi::S32> layer_index, ffi::ResultBuffer<ffi::F32> out) {
+  // q, scale and offset hold every layer ([L, N, ...]); `layer_index` picks one, so that XLA passes
+  // the stacked arrays as they are instead of copying one layer's slice out for each call.
+  const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
+  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || od.size() != 3)
+    return ffi::Error::InvalidArgument("gemv: x must be rank 2, q, scale and offset rank 3");
+  const bool packed = q.element_type() == ffi::U8;
+  if (!packed && q.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("gemv: q must be int8 or packed uint8");
+  const int64_t layers = qd[0], layer = layer_index.typed_data()[0];
+  const int64_t m = xd[0], k = xd[1], n = qd[1], groups = sd[2];
+  if (qd[2] * (packed ? 2 : 1) != k || sd[0] != layers || sd[1] != n || groups <= 0 || k % groups ||
+      (k / groups) % 16 || (packed && k % 32))
+    return ffi::Error::InvalidArgument("gemv: shapes of x, q and scale do not agree");
+  const bool has_offset = offset.element_count() != 0;
+  if (has_offset && (od[0] != layers || od[1] != n || od[2] != groups))
+    return ffi::Error::InvalidArgument("gemv: offset must match scale");
+  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument("gemv: layer index out of range");
+
+  auto job = std::make_shared<Job>();
+  const int64_t group = k / groups;
+  const int64_t row_bytes = packed ? k / 2 : k;
+  job->p = Problem{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
+                   scale.typed_data() + layer * n * groups,
+                   has_offset ? offset.typed_data() + layer * n * groups : nullptr, nullptr, out->typed_data(),
+                   m, n, k, groups, group, packed};
+  if (has_offset) {  // sums of x per group, for the offsets' share of the product
+    job->xsum.assign(m * groups, 0.f);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        float t = 0.f;
+        for (int64_t i = 0; i < group; ++i) t += job->p.x[r * k + g * group + i];
+        job->xsum[r * groups + g] = t;
+      }
+    job->p.xsum = job->xsum.data();
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // At most 64 KiB of weights per chunk, and several chunks per thread to even out the load.
+  job->chunk = std::max<int64_t>(1, std::min<int64_t>((65536 + row_bytes - 1) / row_bytes,
+                                                      (n + 4 * threads - 1) / (4 * threads)));
+  job->chunks = (n + job->chunk - 1) / job->chunk;
+  const int64_t helpers = std::min(threads, job->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->work(); });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) relax();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaGemv, GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The instruction set this library chose for this CPU ("avx512", "avx2" or "portable").
+extern "C" const char* JaxllamaKernelIsa() { return chosen.isa; }

@@ -1,0 +1,133 @@
+"""The CPU matrix-vector kernel (`jaxllama.kernels`): every instruction-set path against numpy,
+the pure-JAX fallback against the kernel on the default model, and a clean fallback when the
+kernel cannot be built."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllama import kernels
+from jaxllama.gguf.convert import native_values, pack_nibbles
+from jaxllama.model import xla_native_dense
+
+# Runs in a child so that JAXLLAMA_KERNEL_ISA is read when the library loads. For int8 and packed
+# q, groups of 16 and 32, with and without offsets, 1..16 rows (and 17: the fallback) and a row
+# count that no chunk size divides: the worst relative error against float64 numpy.
+CHILD = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, numpy as np
+    from jaxllama import kernels
+    from jaxllama.gguf.convert import native_values, pack_nibbles
+    from jaxllama.model import xla_native_dense
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for packed in (False, True):
+        for group in (16, 32):
+            for offset in (False, True):
+                for m in (1, 2, 3, 4, 5, 8, 16, 17):
+                    n, k = 203, 576
+                    q = rng.integers(0 if packed else -128, 16 if packed else 128, (n, k)).astype(np.int8)
+                    leaf = {"q": jnp.asarray(q), "scale": jnp.asarray(rng.normal(size=(n, k // group)), jnp.float32)}
+                    if offset:
+                        leaf["offset"] = jnp.asarray(rng.normal(size=(n, k // group)), jnp.float32)
+                    w = np.asarray(native_values(leaf), np.float64)
+                    if packed:
+                        leaf["q"] = pack_nibbles(leaf["q"])
+                    x = rng.normal(size=(m, k)).astype(np.float32)
+                    got = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x, leaf))
+                    want = x.astype(np.float64) @ w.T
+                    worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    print(json.dumps({"isa": kernels.isa(), "worst": worst}))
+""")
+
+
+def _child(env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("forced", ["", "avx2", "portable"], ids=["cpu-default", "avx2", "portable"])
+def test_every_kernel_path_matches_numpy(forced):
+    flags = _cpu_flags()
+    got = _child({"JAXLLAMA_KERNEL_ISA": forced})
+    if forced == "portable" or not {"avx2", "fma"} <= flags:
+        expect = "portable" if forced == "portable" or "avx2" not in flags else got["isa"]
+    elif forced == "avx2":
+        expect = "avx2"
+    else:  # the widest this CPU has
+        expect = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2"
+    assert got["isa"] == expect
+    assert got["worst"] < 1e-6  # float32 sums of 576 products: float noise only
+
+
+def test_stacked_layers_are_read_in_place():
+    """With a layer index the kernel reads that layer of the stacked `[L, N, K]` blocks."""
+    rng = np.random.default_rng(1)
+    leaf = {"q": pack_nibbles(jnp.asarray(rng.integers(0, 16, (3, 40, 64)), jnp.int8)),
+            "scale": jnp.asarray(rng.random((3, 40, 2)), jnp.float32),
+            "offset": jnp.asarray(rng.random((3, 40, 2)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(2, 64)), jnp.float32)
+    f = jax.jit(lambda x, leaf, i: kernels.gemv(x, leaf, i, xla_native_dense))
+    for i in range(3):
+        want = np.asarray(x, np.float64) @ np.asarray(native_values({k: v[i] for k, v in leaf.items()}), np.float64).T
+        np.testing.assert_allclose(np.asarray(f(x, leaf, jnp.int32(i))), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_and_pure_jax_agree_on_the_default_model(default_model):
+    """The same logits with the kernel as with XLA's own products (JAXLLAMA_KERNELS=0, in a
+    child), in a forward of a few rows and in decoding; the same greedy tokens."""
+    script = textwrap.dedent("""
+        import json, jaxllama, numpy as np
+        from jaxllama.generation import generate
+        m = jaxllama.load()
+        ids = m.tokenizer.encode("The history of the printing press begins in the fifteenth century")
+        print(json.dumps({"logits": np.asarray(m.logits(ids))[-1].tolist(),
+                          "tokens": generate(m, [ids], 16, stop_at_eog=False).tokens[0]}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAXLLAMA_KERNELS": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    from jaxllama.generation import generate
+
+    assert kernels.available()
+    ids = default_model.tokenizer.encode("The history of the printing press begins in the fifteenth century")
+    ours = np.asarray(default_model.logits(ids))[-1]
+    want = np.asarray(theirs["logits"], np.float32)
+    assert np.abs(ours - want).max() <= 1e-5 * np.abs(want).max()
+    assert generate(default_model, [ids], 16, stop_at_eog=False).tokens[0] == theirs["tokens"]
+
+
+def test_no_compiler_falls_back_to_pure_jax_with_one_warning(tmp_path):
+    script = textwrap.dedent("""
+        import warnings, jax.numpy as jnp, numpy as np
+        from jaxllama import kernels
+        from jaxllama.model import xla_native_dense
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            leaf = {"q": jnp.ones((8, 32), jnp.int8), "scale": jnp.ones((8, 1), jnp.float32)}
+            y = kernels.gemv(jnp.ones((1, 32)), leaf, None, xla_native_dense)
+            kernels.gemv(jnp.ones((1, 32)), leaf, None, xla_native_dense)
+        print(kernels.isa(), float(y[0, 0]), len([x for x in w if "kernels unavailable" in str(x.message)]))
+    """)
+    env = {**os.environ, "JAXLLAMA_CACHE": str(tmp_path), "CXX": "/bin/false", "PATH": "/nonexistent"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["xla", "32.0", "1"]
+    assert not list(tmp_path.glob("kernels/*.so"))
