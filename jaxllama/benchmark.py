@@ -64,8 +64,11 @@ def machine() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    from . import kernels
+
     return {"cpu": model, "isa": [f for f in ISA if f in flags], "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0])}
+            "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+            "matvec_kernel": kernels.isa()}
 
 
 def peak_rss_mb(field: str = "VmHWM") -> float:

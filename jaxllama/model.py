@@ -54,17 +54,20 @@ GEMV_CHUNK = 2048  # activation floats per chunk: under XLA:CPU's 16 KiB limit f
 
 
 def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
-    """`x [..., K] @ W.T` for a native leaf W `[N, K]` = scale * q (+ offset), in float32.
+    """`x [B, T, K]` (or `[..., K]`) `@ W.T` for a native leaf W `[N, K]` = scale * q (+ offset),
+    in float32.
 
-    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. With a few rows
-    (decoding) on CPU the product is `kernels.gemv`, which reads the blocks in place; otherwise
-    `xla_native_dense` on this layer's blocks.
+    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. A decode step (one
+    token per row, T = 1) multiplies with `kernels.gemv`, which on CPU reads the blocks in place and
+    computes each row alike whatever the batch; every other product (prompts, scoring: many rows)
+    is `xla_native_dense` on this layer's blocks, so a scored result never depends on batch size.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k).astype(jnp.float32)
     layer = leaf.get("layer")
     blocks = {key: leaf[key] for key in NATIVE_KEYS if key in leaf}
-    if "sharded" in leaf:  # on a mesh (`rules.mark_sharded`): XLA's product, which it can partition
+    step = len(lead) >= 2 and lead[-1] == 1
+    if "sharded" in leaf or not step:  # on a mesh (`rules.mark_sharded`), XLA's product partitions
         blocks = blocks if layer is None else {key: v[layer] for key, v in blocks.items()}
         return xla_native_dense(rows, blocks).reshape(*lead, -1)
     return kernels.gemv(rows, blocks, layer, xla_native_dense).reshape(*lead, -1)

@@ -89,29 +89,38 @@ def test_stacked_layers_are_read_in_place():
         np.testing.assert_allclose(np.asarray(f(x, leaf, jnp.int32(i))), want, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_and_pure_jax_agree_on_the_default_model(default_model):
-    """The same logits with the kernel as with XLA's own products (JAXLLAMA_KERNELS=0, in a
-    child), in a forward of a few rows and in decoding; the same greedy tokens."""
-    script = textwrap.dedent("""
-        import json, jaxllama, numpy as np
-        from jaxllama.generation import generate
-        m = jaxllama.load()
-        ids = m.tokenizer.encode("The history of the printing press begins in the fifteenth century")
-        print(json.dumps({"logits": np.asarray(m.logits(ids))[-1].tolist(),
-                          "tokens": generate(m, [ids], 16, stop_at_eog=False).tokens[0]}))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAXLLAMA_KERNELS": "0"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+DECODE = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, numpy as np, jaxllama
+    from jaxllama import kernels
     from jaxllama.generation import generate
+    from jaxllama.model import forward_step, init_cache
+    m = jaxllama.load()
+    ids = m.tokenizer.encode("The history of the printing press begins in the fifteenth century")
+    step = jax.jit(forward_step, static_argnames=("config",))
+    cache, rows = init_cache(m.config, 2, 32), []
+    for i, t in enumerate(ids):  # two rows, one token each per step: the decode step's products
+        logits, cache = step(m.params, jnp.asarray([[t], [ids[0]]]), cache, jnp.int32(i), jnp.zeros(2, jnp.int32),
+                             m.config)
+        rows.append(np.asarray(logits)[0, 0].tolist())
+    print(json.dumps({"isa": kernels.isa(), "logits": rows,
+                      "tokens": generate(m, [ids], 16, stop_at_eog=False).tokens[0]}))
+""")
 
-    assert kernels.available()
-    ids = default_model.tokenizer.encode("The history of the printing press begins in the fifteenth century")
-    ours = np.asarray(default_model.logits(ids))[-1]
-    want = np.asarray(theirs["logits"], np.float32)
-    assert np.abs(ours - want).max() <= 1e-5 * np.abs(want).max()
-    assert generate(default_model, [ids], 16, stop_at_eog=False).tokens[0] == theirs["tokens"]
+
+def test_kernel_and_pure_jax_agree_on_the_default_model():
+    """The decode step gives the same logits with the kernel as with XLA's own products
+    (JAXLLAMA_KERNELS=0), and generation the same greedy tokens (default model)."""
+    runs = []
+    for flag in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", DECODE], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "JAXLLAMA_KERNELS": flag})
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    kernel, xla = runs
+    assert kernel["isa"] != "xla" and xla["isa"] == "xla"
+    a, b = np.asarray(kernel["logits"]), np.asarray(xla["logits"])
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert kernel["tokens"] == xla["tokens"]
 
 
 def test_no_compiler_falls_back_to_pure_jax_with_one_warning(tmp_path):

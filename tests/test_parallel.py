@@ -139,6 +139,7 @@ def test_memory_matches_a_count_of_the_parameters():
         assert memory_per_device(c, "float32", 1).weights == 4 * (matrices + small), name
         assert memory_per_device(c, "bfloat16", 1).weights == 2 * matrices + 4 * small, name
         assert memory_per_device(c, "native-q8_0", 1).weights == matrices + 4 * matrices // 32 + 4 * small, name
+        assert memory_per_device(c, "native-q4_1", 1).weights == matrices // 2 + 8 * matrices // 32 + 4 * small, name
         m = memory_per_device(c, "float32", 8)
         shapes = leaves(c, "float32")
         replicated = sum(math.prod(s) for p, (s, _) in shapes.items() if "norm" in p)

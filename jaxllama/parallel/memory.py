@@ -1,9 +1,10 @@
 """Per-device memory of a model's parameters and KV cache on a mesh, computed from the config and
 the sharding table (`rules.py`), for the README's scaling note.
 
-Layouts: "float32", "bfloat16", and the native quantized layouts, which keep one int8 per weight
-plus float32 per-block scales (`gguf/convert.py`): "native-q8_0" (a scale per 32 values: Q4_0,
-Q5_0, Q8_0) and "native-q4_1" (a scale and an offset per 32 values: Q4_1, Q5_1, Q4_K, Q5_K).
+Layouts: "float32", "bfloat16", and the native quantized layouts (`gguf/convert.py`):
+"native-q8_0" (one int8 per weight and a float32 scale per 32 values: Q5_0, Q8_0) and
+"native-q4_1" (two 4-bit values per byte, a float32 scale and offset per 32 values: Q4_0, Q4_1,
+Q4_K).
 Norms and RoPE factors are float32 in every layout.
 """
 
@@ -20,7 +21,8 @@ from ..gguf.convert import LAYER_MATRICES, tensor_table
 from .mesh import check_model_split
 from .rules import DEFAULT_VOCAB, spec_for
 
-LAYOUTS = {"float32": None, "bfloat16": None, "native-q8_0": (32, False), "native-q4_1": (32, True)}
+#: layout -> None (float) or (values per scale, has offsets, 4-bit values packed two per byte)
+LAYOUTS = {"float32": None, "bfloat16": None, "native-q8_0": (32, False, False), "native-q4_1": (32, True, True)}
 BLOCK = 32
 
 
@@ -64,8 +66,8 @@ def leaves(c: LlamaConfig, layout: str) -> dict[str, tuple[tuple[int, ...], int]
         base = "/".join(path[:-1])
         if path[-1] in ("kernel", "embedding") and (path[1] in LAYER_MATRICES or path[0] in ("output", "token_embd")):
             if native:
-                block, offset = native
-                out[f"{base}/q"] = ((*lead, *shape), 1)
+                block, offset, packed = native
+                out[f"{base}/q"] = ((*lead, shape[0], shape[1] // 2 if packed else shape[1]), 1)
                 out[f"{base}/scale"] = ((*lead, shape[0], shape[1] // block), 4)
                 if offset:
                     out[f"{base}/offset"] = ((*lead, shape[0], shape[1] // block), 4)
