@@ -84,8 +84,6 @@ def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
     """
     q, k = leaf["q"], rows.shape[-1]
     per_byte = 2 if is_packed(leaf) else 1
-    if rows.shape[0] > 1 and per_byte == 2:
-        return packed_matmul(rows, leaf)
     if rows.shape[0] > 1:
         return jnp.matmul(rows, native_values(leaf).T, precision=lax.Precision.HIGHEST)
     sub = k // leaf["scale"].shape[-1]
@@ -99,27 +97,6 @@ def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
     if len(parts) > 1:
         parts = list(lax.optimization_barrier(tuple(parts)))
     return sum(parts[1:], parts[0])
-
-
-def packed_matmul(rows: jax.Array, leaf: Params) -> jax.Array:
-    """`rows [M, K] @ W.T` for a packed 4-bit leaf, as two products: the low nibbles (values 0..15
-    of each unit of 32) and the high ones (16..31), each against the matching columns of x.
-    Unpacking into one `[N, K]` matrix first (a concatenate) made prefill about 1.5x slower."""
-    q, scale = leaf["q"], leaf["scale"]
-    n, m = q.shape[0], rows.shape[0]
-    units = q.shape[-1] // 16
-    b = q.reshape(n, units, 16)
-    x = rows.reshape(m, units, 2, 16)
-    per_unit = scale.shape[-1] // units  # 1 (groups of 32) or 2 (groups of 16: one per half)
-
-    def half(nibbles: jax.Array, h: int) -> jax.Array:
-        pick = lambda a: a.reshape(n, units, per_unit)[..., min(h, per_unit - 1), None]  # noqa: E731
-        w = pick(scale) * nibbles.astype(jnp.float32)
-        if "offset" in leaf:
-            w = w + pick(leaf["offset"])
-        return jnp.matmul(x[:, :, h].reshape(m, -1), w.reshape(n, -1).T, precision=lax.Precision.HIGHEST)
-
-    return half(b & 0x0F, 0) + half(b >> 4, 1)
 
 
 def layer_params(layers: Params, layer: jax.Array | int) -> Params:
