@@ -90,11 +90,11 @@ def test_stacked_layers_are_read_in_place():
 
 
 DECODE = textwrap.dedent("""
-    import json, jax, jax.numpy as jnp, numpy as np, jaxllama
+    import json, sys, jax, jax.numpy as jnp, numpy as np, jaxllama
     from jaxllama import kernels
     from jaxllama.generation import generate
     from jaxllama.model import forward_step, init_cache
-    m = jaxllama.load()
+    m = jaxllama.load(sys.argv[1])
     ids = m.tokenizer.encode("The history of the printing press begins in the fifteenth century")
     step = jax.jit(forward_step, static_argnames=("config",))
     cache, rows = init_cache(m.config, 2, 32), []
@@ -107,12 +107,12 @@ DECODE = textwrap.dedent("""
 """)
 
 
-def test_kernel_and_pure_jax_agree_on_the_default_model():
+def test_kernel_and_pure_jax_agree_on_the_default_model(default_gguf):
     """The decode step gives the same logits with the kernel as with XLA's own products
     (JAXLLAMA_KERNELS=0), and generation the same greedy tokens (default model)."""
     runs = []
     for flag in ("1", "0"):
-        out = subprocess.run([sys.executable, "-c", DECODE], capture_output=True, text=True, timeout=600,
+        out = subprocess.run([sys.executable, "-c", DECODE, str(default_gguf)], capture_output=True, text=True, timeout=600,
                              env={**os.environ, "JAXLLAMA_KERNELS": flag})
         assert out.returncode == 0, out.stderr[-2000:]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
