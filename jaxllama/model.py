@@ -68,8 +68,7 @@ def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
     blocks = {key: leaf[key] for key in NATIVE_KEYS if key in leaf}
     step = len(lead) >= 2 and lead[-1] == 1
     if "sharded" in leaf or not step:  # on a mesh (`rules.mark_sharded`), XLA's product partitions
-        blocks = blocks if layer is None else {key: v[layer] for key, v in blocks.items()}
-        return xla_native_dense(rows, blocks).reshape(*lead, -1)
+        return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
     return kernels.gemv(rows, blocks, layer, xla_native_dense).reshape(*lead, -1)
 
 
@@ -87,7 +86,7 @@ def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
     if rows.shape[0] > 1:
         return jnp.matmul(rows, native_values(leaf).T, precision=lax.Precision.HIGHEST)
     sub = k // leaf["scale"].shape[-1]
-    step = max(32, GEMV_CHUNK // 32 * 32)  # whole blocks (and whole packed units of 32 values)
+    step = GEMV_CHUNK  # a multiple of 32: whole blocks and whole packed units of 32 values
     parts = []
     for a in range(0, k, step):
         b = min(a + step, k)
@@ -105,8 +104,8 @@ def layer_params(layers: Params, layer: jax.Array | int) -> Params:
     (a custom call takes whole buffers)."""
     def one(node: Any) -> Any:
         if is_native(node):
-            out = {k: (v if k in NATIVE_KEYS else v[layer]) for k, v in node.items() if v is not None}
-            return {**out, "layer": jnp.asarray(layer, jnp.int32), **({"sharded": None} if "sharded" in node else {})}
+            out = {k: (v if k in NATIVE_KEYS or v is None else v[layer]) for k, v in node.items()}
+            return {**out, "layer": jnp.asarray(layer, jnp.int32)}
         if isinstance(node, dict):
             return {k: one(v) for k, v in node.items()}
         return node[layer]

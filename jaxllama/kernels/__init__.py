@@ -143,18 +143,20 @@ def stacked(leaf: dict, layer: jax.Array | int | None) -> tuple[jax.Array, jax.A
     return q, scale, offset, index
 
 
+def one_layer(leaf: dict, layer: jax.Array | int | None) -> dict:
+    """Layer `layer`'s blocks of a layer-stacked native leaf (the leaf itself without a layer)."""
+    if layer is None:
+        return leaf
+    return {k: lax.dynamic_index_in_dim(v, layer, keepdims=False) for k, v in leaf.items()}
+
+
 def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -> jax.Array:
     """`rows [M, K] @ W.T` for a native leaf W, through the CPU kernel when this process has it,
     else `fallback(rows, leaf_of_this_layer)`. With `layer`, `leaf` holds every layer's blocks
     (`[L, N, K]`) and the product uses layer `layer` without copying it out."""
 
-    def sliced() -> dict:
-        if layer is None:
-            return leaf
-        return {k: lax.dynamic_index_in_dim(v, layer, keepdims=False) for k, v in leaf.items()}
-
     if not (rows.shape[0] <= MAX_ROWS and available()):
-        return fallback(rows, sliced())
+        return fallback(rows, one_layer(leaf, layer))
     q, scale, offset, index = stacked(leaf, layer)
     out = jax.ShapeDtypeStruct((rows.shape[0], q.shape[1]), jnp.float32)
 
@@ -162,7 +164,7 @@ def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -
         return jax.ffi.ffi_call(TARGET, out)(rows, q, scale, offset, index)
 
     def elsewhere(rows, q, scale, offset, index):
-        return fallback(rows, sliced())
+        return fallback(rows, one_layer(leaf, layer))
 
     return lax.platform_dependent(rows, q, scale, offset, index, cpu=on_cpu, default=elsewhere)
 
