@@ -1,9 +1,9 @@
 // Matrix-vector products on GGUF-style quantized weights, for XLA:CPU through jax.ffi.
 //
-// out[m, n] = sum_g scale[n, g] * sum_{i in g} x[m, i] * q[n, i]  +  sum_g offset[n, g] * xsum[m, g]
+// out[m, n] = sum_i x[m, i] * (scale[n, g(i)] * q[n, i] + offset[n, g(i)])
 //
 // which is x @ W.T for W = scale * q + offset (per group of `group` values along K), computed in
-// float32 without ever building W. q is int8 [N, K], or uint8 [N, K / 2] holding 4-bit values
+// float32 without ever building W in memory (each vector of W exists only in registers). q is int8 [N, K], or uint8 [N, K / 2] holding 4-bit values
 // packed as GGUF packs Q4 blocks: per 32 values, 16 bytes, low nibbles = values 0..15, high
 // nibbles = values 16..31. Rows of W are shared out among XLA's intra-op threads.
 //
@@ -30,14 +30,13 @@ namespace {
 // Software prefetch distance in bytes of q. Without it one thread streamed at about half the
 // machine's per-thread read bandwidth; 4-16 KiB measured alike (decode, 2-core Xeon).
 constexpr int64_t kAhead = 8192;
-constexpr int kMaxRows = 4;  // rows of x handled per pass over a row of W (which stays in L1)
+constexpr int kMaxRows = 8;  // rows of x handled per pass over a row of W (which stays in L1)
 
 struct Problem {
   const float* x;       // [M, K]
   const uint8_t* q;     // [N, K] int8, or [N, K / 2] packed
   const float* scale;   // [N, G]
   const float* offset;  // [N, G] or null
-  const float* xsum;    // [M, G] sums of x per group (for the offsets)
   float* out;           // [M, N]
   int64_t m, n, k, groups, group;
   bool packed;
@@ -164,7 +163,6 @@ inline void relax() {
 // (A pool of our own spinning threads was measured slower: it competes with XLA's threads.)
 struct Job {
   Problem p;
-  std::vector<float> xsum;
   int64_t chunk, chunks;
   std::atomic<int64_t> next{0}, done{0};
   void work() {
@@ -201,18 +199,8 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   const int64_t row_bytes = packed ? k / 2 : k;
   job->p = Problem{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
                    scale.typed_data() + layer * n * groups,
-                   has_offset ? offset.typed_data() + layer * n * groups : nullptr, nullptr, out->typed_data(),
+                   has_offset ? offset.typed_data() + layer * n * groups : nullptr, out->typed_data(),
                    m, n, k, groups, group, packed};
-  if (has_offset) {  // sums of x per group, for the offsets' share of the product
-    job->xsum.assign(m * groups, 0.f);
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        float t = 0.f;
-        for (int64_t i = 0; i < group; ++i) t += job->p.x[r * k + g * group + i];
-        job->xsum[r * groups + g] = t;
-      }
-    job->p.xsum = job->xsum.data();
-  }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // At most 64 KiB of weights per chunk, and several chunks per thread to even out the load.
   job->chunk = std::max<int64_t>(1, std::min<int64_t>((65536 + row_bytes - 1) / row_bytes,
