@@ -213,7 +213,7 @@ class Visibility(NamedTuple):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: LlamaConfig,
-              block: int = ATTN_BLOCK, layer: jax.Array | None = None) -> jax.Array:
+              block: int = ATTN_BLOCK, layer: jax.Array | None = None, kernel: bool = False) -> jax.Array:
     """Grouped-query attention. q `[B, T, H, d]`, k/v `[B, S, K, d]` -> `[B, T, H*d]`.
 
     With `layer`, k and v are a whole layer-stacked cache `[L, B, S, K, d]` and only this
@@ -224,7 +224,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: Llam
     as T * S. Key blocks after the last query slot of a query block are skipped (causality), and
     so are blocks wholly before the window. Up to `block` queries and keys it is one tile: the
     plain softmax, normalised after `@ v`.
+
+    With `kernel` (one device), one query per row against a stacked cache is `kernels.attend`,
+    which reads exactly the visible slots (this function being its pure-JAX fallback).
     """
+    if kernel and layer is not None and q.shape[1] == 1:
+        b = q.shape[0]
+        out = kernels.attend(q.reshape(b, c.n_head_kv, c.n_group, c.head_dim), k, v, layer, vis.q_slot[:, 0],
+                             vis.key_ok, vis.window, c.query_scale,
+                             fallback=lambda: attention(q, k, v, vis, c, block, layer).reshape(
+                                 b, c.n_head_kv, c.n_group, c.head_dim))
+        return out.reshape(b, 1, c.n_head * c.head_dim)
     if layer is None:
         k, v = k[None], v[None]
         layer = jnp.int32(0)
@@ -301,6 +311,7 @@ def block(
     tap: Tap = no_tap,
     act_quant: Mapping[str, str | None] | None = None,
     kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    kernel: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One transformer block on the residual stream x `[B, T, D]`; `p` holds this layer's leaves.
 
@@ -309,7 +320,8 @@ def block(
     activation type to emulate in front of it (see `actquant`). With `kv = (cache_k,
     cache_v, layer, start)` (layer-stacked caches `[L, B, S, K, d]`), this step's keys and values
     are written at `[layer, :, start]` and attention reads that layer's filled slots (`vis` then
-    covers S slots). Returns the new residual stream and the updated caches (None without `kv`).
+    covers S slots; `kernel` lets one-token steps attend through the CPU kernel). Returns the new
+    residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
 
@@ -336,7 +348,7 @@ def block(
         cache = (lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at),
                  lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at))
         k, v = cache
-    a = tap("kqv_out", materialized(attention(q, k, v, vis, c, layer=layer), vis.q_slot))
+    a = tap("kqv_out", materialized(attention(q, k, v, vis, c, layer=layer, kernel=kernel), vis.q_slot))
     o = mm("attn_output", a)
     if c.post_norms:  # Gemma's sandwich: normalise the branch before the residual add
         x = tap("sa_out", x + tap("attn_post_norm", rms_norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
@@ -578,6 +590,7 @@ def forward_step(
         raise InvalidInputError("capture is not supported in the cached decode step (generation); "
                                 "capture with a plain forward (Model.logits) of the generated tokens")
     valid = slots[None, :] >= pad[:, None]
+    on_one_device = "sharded" not in params  # on a mesh (`rules.shard_params`) XLA's attention partitions
 
     def body(carry, xs):
         x, ck, cv = carry
@@ -586,7 +599,7 @@ def forward_step(
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
         rot, layer_vis = choose_kind(slides, kinds, vis, c)
-        x, (ck, cv) = block(x, lp, rot, layer_vis, c, tap, aq, (ck, cv, layer, start))
+        x, (ck, cv) = block(x, lp, rot, layer_vis, c, tap, aq, (ck, cv, layer, start), kernel=on_one_device)
         emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
         return (x, ck, cv), None
 

@@ -19,9 +19,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import jaxllama  # noqa: E402
 from jaxllama import parallel  # noqa: E402
-from jaxllama.model import forward_capture_jit  # noqa: E402
+from jaxllama.model import forward_capture_jit, forward_step, init_cache  # noqa: E402
 from hlo_check import unfused  # noqa: E402
 
 
@@ -63,6 +64,15 @@ def hlo_full_copies(model, matrices: list[list[int]], n_tokens: int) -> list[str
     return sorted(set(found))
 
 
+def decode_kernel_calls(model) -> int:
+    """jaxllama custom calls in the compiled one-token decode step of `model`."""
+    step = jax.jit(forward_step, static_argnames=("config",))
+    cache = init_cache(model.config, 1, 16)
+    text = step.lower(model.params, jnp.zeros((1, 1), jnp.int32), cache, jnp.int32(3), jnp.zeros(1, jnp.int32),
+                      model.config).compile().as_text()
+    return text.count('custom_call_target="jaxllama_')
+
+
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     rng = np.random.default_rng(0)
@@ -101,6 +111,8 @@ def main() -> None:
             res["trace"] = compare_records(want["trace"], records(model, ragged))
         if job.get("hlo") and m > 1:
             res["hlo"] = hlo_full_copies(model, job["hlo"], job["t"])
+        if full:  # the decode step on a mesh: no single-device CPU kernel (custom calls do not partition)
+            res["kernel_calls"] = decode_kernel_calls(model)
         leaf = model.params["params"]["layers"]["ffn_gate"]
         res["ffn_gate_spec"] = str(next(iter(leaf.values())).sharding.spec)
         out[f"{d}x{m}"] = res

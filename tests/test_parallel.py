@@ -51,6 +51,7 @@ def test_tiny_model_with_4_kv_heads_on_4_devices(tmp_path, tiny_factory):
         r = out[mesh]
         assert r["one"] <= 1e-5 and r["batch"] <= 1e-5 and r["batch_rows"] == 3, (mesh, r)
         assert r["gen_same"], mesh
+        assert r["kernel_calls"] == 0, mesh  # no single-device CPU kernel in the decode step on a mesh
         assert r["ppl_rel"] <= 1e-6, (mesh, r)
         t = r["trace"]  # the same records, each exactly once, with the whole tensor's statistics
         assert t["same_keys"] and t["n_got"] == t["n_ref"] == 3 * (2 * 3 + 1) and t["max_count"] == 1, (mesh, t)
@@ -71,6 +72,7 @@ def test_default_model_on_6_devices(tmp_path, default_gguf):
         assert r["one"] <= 1e-5 and r["batch_rows"] == 3, (mesh, r)
         if mesh != "1x3":
             assert r["gen_same"], mesh
+            assert r["kernel_calls"] == 0, mesh
             t = r["trace"]
             assert t["same_keys"] and t["n_got"] == t["n_ref"] and t["max_count"] == 1, (mesh, t)
             assert t["stat_rel"] <= max(1e-5, noise["trace"]), (mesh, t, noise)

@@ -107,6 +107,7 @@ def test_one_row_product_never_builds_the_float32_matrix(default_model):
     for shape in ("f32[576,576]", "f32[192,576]", "f32[1536,576]", "f32[576,1536]", "f32[49152,576]"):
         assert shape not in text, shape
     assert kernels.available() and text.count(f'custom_call_target="{kernels.TARGET}"') >= 8  # 7 per layer + head
+    assert text.count(f'custom_call_target="{kernels.ATTEND_TARGET}"') == 1  # the attention, in the layer scan
     leaf = {k: v[0] for k, v in m.params["params"]["layers"]["ffn_up"].items()}  # [1536, 576], with offsets
     for rows, built in ((1, False), (2, True)):  # XLA's own form; the control: with two rows the matrix is built
         text = unfused(jax.jit(xla_native_dense).lower(jnp.zeros((rows, 576)), leaf).compile().as_text())

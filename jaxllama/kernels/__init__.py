@@ -1,10 +1,13 @@
 """Native CPU kernels registered with XLA through `jax.ffi`, with pure-JAX fallbacks.
 
-One kernel today: `gemv`, the product of a few activation rows with a quantized weight matrix in
-jaxllama's native layout (`q` int8, `scale`, `offset`), without building the float32 matrix.
-XLA:CPU fuses dequantization into a matrix-vector product on one thread only (REFERENCE §7); this
-kernel shares the rows out among XLA's intra-op threads and is vectorized for the CPU it runs on
-(AVX-512, AVX2, or portable C++, chosen when the library loads).
+Two kernels, both for decoding: `gemv`, the product of a few activation rows with a quantized
+weight matrix in jaxllama's native layout (`q` int8, `scale`, `offset`), without building the
+float32 matrix (XLA:CPU fuses dequantization into a matrix-vector product on one thread only,
+REFERENCE §7); and `attend`, one query per row against the filled slots of a layer-stacked KV
+cache (XLA's form transposes key blocks and calls its matrix library for tiny products: at 8 rows
+that was a third of a decode step). Both share their work out among XLA's intra-op threads and
+are vectorized for the CPU they run on (AVX-512, AVX2, or portable C++, chosen when the library
+loads).
 
 The C++ source ships with the package and is compiled on the user's machine with the system C++
 compiler: by `tools/setup.sh` at install time, otherwise on first use, into the jaxllama cache
@@ -25,15 +28,18 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..errors import JaxLlamaError
 
-SOURCES = ("gemv.cc", "gemv_body.inc")
+SOURCES = ("gemv.cc", "gemv_body.inc", "attend_body.inc")
 TARGET = "jaxllama_gemv_v1"
+ATTEND_TARGET = "jaxllama_attend_v1"
 #: Rows of x up to which the kernel is used; more rows are a matrix product XLA does better.
 MAX_ROWS = 16
 
@@ -110,6 +116,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllamaGemv), platform="cpu")
+        jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxllamaAttend), platform="cpu")
         lib.JaxllamaKernelIsa.restype = ctypes.c_char_p
         return lib
     except (KernelBuildError, OSError, AttributeError) as e:
@@ -167,6 +174,27 @@ def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -
         return fallback(rows, one_layer(leaf, layer))
 
     return lax.platform_dependent(rows, q, scale, offset, index, cpu=on_cpu, default=elsewhere)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: jax.Array,
+           key_ok: jax.Array, window: jax.Array | int, scale: float, fallback: Callable[[], jax.Array]) -> jax.Array:
+    """Attention of one query per row, q `[B, Kh, G, d]`, against layer `layer` of the caches k, v
+    `[L, B, S, Kh, d]`: keys s with `q_slot[b] - window < s <= q_slot[b]` and `key_ok[b, s]`, a
+    float32 softmax over them. `[B, Kh, G, d]`; `fallback()` (the pure-JAX attention) where the
+    kernel cannot run. Reads only the visible slots, so its cost follows the filled length."""
+    if not (available() and q.shape[-1] % 16 == 0):
+        return fallback()
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    args = (q.astype(jnp.float32), k, v, jnp.asarray(layer, jnp.int32).reshape(1), q_slot.astype(jnp.int32),
+            key_ok.astype(bool), jnp.asarray(window, jnp.int32).reshape(1))
+
+    def on_cpu(*a):
+        return jax.ffi.ffi_call(ATTEND_TARGET, out)(*a, scale=np.float32(scale))
+
+    def elsewhere(*a):
+        return fallback()
+
+    return lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-// Matrix-vector products on GGUF-style quantized weights, for XLA:CPU through jax.ffi.
+// Matrix-vector products on GGUF-style quantized weights, and the attention of one query per row
+// against a KV cache, for XLA:CPU through jax.ffi.
 //
 // out[m, n] = sum_i x[m, i] * (scale[n, g(i)] * q[n, i] + offset[n, g(i)])
 //
@@ -9,10 +10,13 @@
 //
 // One source, compiled for AVX-512, AVX2 and portable C++ (gemv_body.inc included three times);
 // the CPU is asked at load time which to use, so one build runs on any x86-64 (and elsewhere).
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,6 +46,17 @@ struct Problem {
   bool packed;
 };
 
+struct Attend {
+  const float* q;       // [B, Kh, G, d]: one query per row
+  const float* k;       // [L, B, S, Kh, d]: the layer-stacked cache
+  const float* v;       // [L, B, S, Kh, d]
+  const int32_t* q_slot;  // [B]: the query's slot (keys after it are not seen)
+  const bool* key_ok;   // [B, S]: False at padding
+  float* out;           // [B, Kh, G, d]
+  int64_t layer, batch, slots, heads_kv, groups, head_dim, window;
+  float scale;
+};
+
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
@@ -53,6 +68,7 @@ inline V broadcast(float s) { return _mm512_set1_ps(s); }
 inline V loadx(const float* p) { return _mm512_loadu_ps(p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+inline void storex(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V weights_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -66,6 +82,7 @@ inline void unpack32(const uint8_t* p, V* w) {
   w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
 #include "gemv_body.inc"
+#include "attend_body.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -78,6 +95,7 @@ inline V zero() { return _mm256_setzero_ps(); }
 inline V broadcast(float s) { return _mm256_set1_ps(s); }
 inline V loadx(const float* p) { return _mm256_loadu_ps(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -101,6 +119,7 @@ inline void unpack32(const uint8_t* p, V* w) {
   w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 #include "gemv_body.inc"
+#include "attend_body.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // x86
@@ -114,6 +133,7 @@ inline V broadcast(float s) { return s; }
 inline V loadx(const float* p) { return *p; }
 inline V fma(V a, V b, V c) { return a * b + c; }
 inline float hsum(V v) { return v; }
+inline void storex(float* p, V v) { *p = v; }
 inline V weights_i8(const uint8_t* p) { return static_cast<float>(static_cast<int8_t>(*p)); }
 inline V weights_u4(const uint8_t* p, int64_t high) { return static_cast<float>(high ? *p >> 4 : *p & 15); }
 inline void unpack32(const uint8_t* p, V* w) {
@@ -123,12 +143,15 @@ inline void unpack32(const uint8_t* p, V* w) {
   }
 }
 #include "gemv_body.inc"
+#include "attend_body.inc"
 }  // namespace portable
 
 using RowsRange = void (*)(const Problem&, int64_t, int64_t);
+using AttendRange = void (*)(const Attend&, int64_t, int64_t);
 
 struct Path {
   RowsRange rows;
+  AttendRange attend;
   const char* isa;
 };
 
@@ -136,20 +159,19 @@ Path pick() {
   // JAXLLAMA_KERNEL_ISA=avx2|portable forces a narrower path (tests run every path on one machine).
   const char* forced = std::getenv("JAXLLAMA_KERNEL_ISA");
   const std::string isa = forced ? forced : "";
-  if (isa == "portable") return {portable::rows_range, "portable"};
+  if (isa == "portable") return {portable::rows_range, portable::attend_range, "portable"};
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return {avx512::rows_range, "avx512"};
-  if (avx2) return {avx2::rows_range, "avx2"};
+    return {avx512::rows_range, avx512::attend_range, "avx512"};
+  if (avx2) return {avx2::rows_range, avx2::attend_range, "avx2"};
 #endif
-  return {portable::rows_range, "portable"};
+  return {portable::rows_range, portable::attend_range, "portable"};
 }
 
 const Path chosen = pick();
-const RowsRange rows_range = chosen.rows;
 
 inline void relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -157,21 +179,34 @@ inline void relax() {
 #endif
 }
 
-// One call's work: chunks of rows of W handed out through an atomic counter, to the calling
+// One call's work, `items` split into chunks handed out through an atomic counter to the calling
 // thread and to tasks on XLA's intra-op pool. The caller takes chunks too, so a call finishes even
 // if no task ever runs; the state is shared, so a task that starts late finds nothing left.
 // (A pool of our own spinning threads was measured slower: it competes with XLA's threads.)
 struct Job {
-  Problem p;
-  int64_t chunk, chunks;
+  std::function<void(int64_t, int64_t)> range;  // does items [begin, end)
+  int64_t items, chunk, chunks;
   std::atomic<int64_t> next{0}, done{0};
   void work() {
     for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      rows_range(p, c * chunk, std::min(p.n, (c + 1) * chunk));
+      range(c * chunk, std::min(items, (c + 1) * chunk));
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
+
+void parallel(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::function<void(int64_t, int64_t)> range) {
+  auto job = std::make_shared<Job>();
+  job->range = std::move(range);
+  job->items = items;
+  job->chunk = std::max<int64_t>(1, chunk);
+  job->chunks = (items + job->chunk - 1) / job->chunk;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = std::min(threads, job->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->work(); });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) relax();
+}
 
 ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
@@ -194,26 +229,54 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("gemv: offset must match scale");
   if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument("gemv: layer index out of range");
 
-  auto job = std::make_shared<Job>();
   const int64_t group = k / groups;
   const int64_t row_bytes = packed ? k / 2 : k;
-  job->p = Problem{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
-                   scale.typed_data() + layer * n * groups,
-                   has_offset ? offset.typed_data() + layer * n * groups : nullptr, out->typed_data(),
-                   m, n, k, groups, group, packed};
+  const Problem prob{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
+                     scale.typed_data() + layer * n * groups,
+                     has_offset ? offset.typed_data() + layer * n * groups : nullptr, out->typed_data(),
+                     m, n, k, groups, group, packed};
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // At most 64 KiB of weights per chunk, and several chunks per thread to even out the load.
-  job->chunk = std::max<int64_t>(1, std::min<int64_t>((65536 + row_bytes - 1) / row_bytes,
-                                                      (n + 4 * threads - 1) / (4 * threads)));
-  job->chunks = (n + job->chunk - 1) / job->chunk;
-  const int64_t helpers = std::min(threads, job->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) relax();
+  const int64_t chunk = std::min<int64_t>((65536 + row_bytes - 1) / row_bytes, (n + 4 * threads - 1) / (4 * threads));
+  parallel(pool, n, chunk, [prob](int64_t n0, int64_t n1) { chosen.rows(prob, n0, n1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer_index, ffi::Buffer<ffi::S32> q_slot,
+                      ffi::Buffer<ffi::PRED> key_ok, ffi::Buffer<ffi::S32> window, float scale,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  // q [B, Kh, G, d]; k, v [L, B, S, Kh, d] (every layer's cache, read in place at `layer_index`).
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), okd = key_ok.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || okd.size() != 2)
+    return ffi::Error::InvalidArgument("attend: q must be rank 4, k and v rank 5, key_ok rank 2");
+  const int64_t b = qd[0], heads = qd[1], d = qd[3], layers = kd[0], slots = kd[2];
+  if (kd[1] != b || kd[3] != heads || kd[4] != d || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
+      vd[3] != kd[3] || vd[4] != kd[4] || okd[0] != b || okd[1] != slots || q_slot.element_count() != b ||
+      window.element_count() != 1 || d % 16)
+    return ffi::Error::InvalidArgument("attend: shapes of q, k, v, q_slot and key_ok do not agree");
+  const int64_t layer = layer_index.typed_data()[0];
+  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument("attend: layer index out of range");
+  const Attend job{q.typed_data(), k.typed_data(), v.typed_data(), q_slot.typed_data(), key_ok.typed_data(),
+                   out->typed_data(), layer, b, slots, heads, qd[2], d, window.typed_data()[0], scale};
+  parallel(pool, b * heads, 1, [job](int64_t t0, int64_t t1) { chosen.attend(job, t0, t1); });
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaAttend, AttendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaGemv, GemvImpl,
                               ffi::Ffi::Bind()

@@ -90,13 +90,14 @@ def shard_params(params: Params, mesh: Mesh, config: LlamaConfig, vocab: str = D
         raise InvalidInputError(f"vocab: must be one of {', '.join(VOCAB_CHOICES)}, not {vocab!r}")
     _, model = mesh_sizes(mesh)
     check_model_split(config, model, native_block(params))
-    return mark_sharded(jax.device_put(params, param_shardings(params, mesh, vocab)))
+    return {**mark_sharded(jax.device_put(params, param_shardings(params, mesh, vocab))), "sharded": None}
 
 
 def mark_sharded(node: Any) -> Any:
     """Native leaves of a placed pytree get `"sharded": None` (no array, but part of the pytree's
     structure, so jit traces them apart): their products stay XLA's, which the partitioner can
-    split, instead of the single-device CPU kernel (`model.native_dense`)."""
+    split, instead of the single-device CPU kernel (`model.native_dense`). `shard_params` marks
+    the root too, for the decode step's attention (`model.forward_step`)."""
     if not isinstance(node, dict):
         return node
     out = {k: mark_sharded(v) for k, v in node.items()}
