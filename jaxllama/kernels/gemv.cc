@@ -67,6 +67,7 @@ inline V zero() { return _mm512_setzero_ps(); }
 inline V broadcast(float s) { return _mm512_set1_ps(s); }
 inline V loadx(const float* p) { return _mm512_loadu_ps(p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
 inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
 inline void storex(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V weights_i8(const uint8_t* p) {
@@ -95,6 +96,7 @@ inline V zero() { return _mm256_setzero_ps(); }
 inline V broadcast(float s) { return _mm256_set1_ps(s); }
 inline V loadx(const float* p) { return _mm256_loadu_ps(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
 inline void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -132,6 +134,7 @@ inline V zero() { return 0.f; }
 inline V broadcast(float s) { return s; }
 inline V loadx(const float* p) { return *p; }
 inline V fma(V a, V b, V c) { return a * b + c; }
+inline V add(V a, V b) { return a + b; }
 inline float hsum(V v) { return v; }
 inline void storex(float* p, V v) { *p = v; }
 inline V weights_i8(const uint8_t* p) { return static_cast<float>(static_cast<int8_t>(*p)); }
