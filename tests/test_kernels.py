@@ -49,21 +49,22 @@ CHILD = textwrap.dedent("""
 
 
 # The decode attention: one query per row against layer 1 of a stacked cache, rows left-padded
-# (key_ok), causal limits inside the cache, a global and a sliding window, head sizes 64 and 256,
+# (key_ok), causal limits inside the cache, a global and two sliding windows (one spanning key
+# chunks), head sizes 64, 256 and 16 (one AVX-512 vector),
 # against float64 numpy softmax attention over exactly the visible keys.
 ATTEND = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
     rng = np.random.default_rng(1)
     worst, used = 0.0, 0
-    for d, heads, groups in ((64, 3, 3), (256, 1, 4)):
-        for window in (2**30, 5):
-            L, B, S = 3, 4, 40
+    for d, heads, groups in ((64, 3, 3), (256, 1, 4), (16, 2, 2)):
+        for window in (2**30, 5, 300):
+            L, B, S = 3, 4, 600  # three key chunks of the kernel (256 keys each)
             q = rng.normal(size=(B, heads, groups, d)).astype(np.float32)
             k = rng.normal(size=(L, B, S, heads, d)).astype(np.float32)
             v = rng.normal(size=(L, B, S, heads, d)).astype(np.float32)
-            q_slot = np.array([39, 7, 20, 0], np.int32)
-            pad = np.array([0, 3, 10, 0], np.int32)
+            q_slot = np.array([599, 7, 520, 0], np.int32)
+            pad = np.array([0, 3, 250, 0], np.int32)
             key_ok = np.arange(S)[None, :] >= pad[:, None]
             got = np.asarray(jax.jit(lambda *a: kernels.attend(*a, 0.125, fallback=lambda: jnp.full(q.shape, jnp.nan)))(
                 q, k, v, jnp.int32(1), q_slot, key_ok, jnp.int32(window)))
@@ -116,7 +117,8 @@ def test_decode_attention_kernel_matches_numpy(forced):
     """Every path of the attention kernel (the fallback here would give NaN, so the kernel ran
     each time) against float64 numpy over exactly the visible keys."""
     got = _child({"JAXLLAMA_KERNEL_ISA": forced}, ATTEND)
-    assert got["used"] == 4
+    assert got["isa"] == (forced or got["isa"]) and got["isa"] != "xla"
+    assert got["used"] == 9
     assert got["worst"] < 1e-5  # averages of N(0, 1) values; measured 8e-7 (vector), 2.6e-6 (portable)
 
 
