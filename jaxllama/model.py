@@ -568,7 +568,8 @@ def forward_step(
 
     The KV cache is `{"k": [L, B, S, K, d], "v": ...}` (see `init_cache`), carried through the
     layer scan and updated in place (donate it), each layer writing its slots and reading only
-    the key blocks up to the last filled one. Rows are left-padded: row b's first real token sits in slot
+    the key blocks up to the last filled one (one-token steps on one CPU device: exactly the
+    visible slots, through `kernels.attend`). Rows are left-padded: row b's first real token sits in slot
     `pad[b]`, so its positions are `slot - pad[b]`, and slots before `pad[b]` are never
     attended to. Prefill is one call with the (padded) prompt at `start = 0`; each decode step
     is a call with one token per row. `probes` (static) sends statistics and applies

@@ -22,7 +22,7 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 fi
 .venv/bin/python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl
 .venv/bin/python -m pip install --quiet -e '.[dev]'
-# jaxllama's CPU kernels (quantized matrix-vector products, jax.ffi): a few seconds with the system
+# jaxllama's CPU kernels (quantized matrix-vector products, decode attention; jax.ffi): a few seconds with the system
 # C++ compiler, for any x86 CPU (AVX-512, AVX2 or portable code is picked at run time).
 .venv/bin/python -m jaxllama.kernels
 echo "installed into $(pwd)/.venv"
