@@ -38,6 +38,11 @@ constexpr int kMaxRows = 8;  // rows of x handled per pass over a row of W (whic
 constexpr int64_t kAttendChunk = 256;  // keys per work item of the decode attention
 constexpr int64_t kAttendAhead = 32;   // cache rows prefetched ahead (8 rows: 7.5 GB/s, 32: 9.3)
 
+// Asks for the `n` floats at p ahead of use (prefetches never fault, past the end included).
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t byte = 0; byte < n * 4; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + byte);
+}
+
 struct Problem {
   const float* x;       // [M, K]
   const uint8_t* q;     // [N, K] int8, or [N, K / 2] packed
