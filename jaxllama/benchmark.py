@@ -17,6 +17,11 @@ ratios measured in one run compare. Sections (`--only a,b`):
   tokenize  1 MB of text
   scoring   perplexity of a text (GPL-3, ctx 512): whole run and steady state next to
             llama-perplexity's batching, and peak RSS scoring one long row (benchmark_scoring.py)
+  device    no llama.cpp: prefill and decode on the JAX backend at hand (a GPU, say), the decode
+            step's share of a measured copy bandwidth, and the compiled kernels (benchmark_device.py)
+
+The default is every section but `device`, which `--only device` (with `fill`) runs where
+llama.cpp does not (an accelerator machine).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 ISA = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
-SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring")
+SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring", "device")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # `device` is for machines where llama.cpp's side is not the point
 LAYOUTS = ("native", "float32")
 CHAT = "Write one sentence about the sea."
 
@@ -335,6 +341,10 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
         r["decode_tok_s_by_fill"] = bench_fill(models["native"], repeats)
     if "tracing" in sections:
         r["tracing"] = bench_tracing(models["native"], repeats)
+    if "device" in sections:
+        from .benchmark_device import bench_device
+
+        r["device"] = bench_device(models, repeats, decode_tokens)
     if "tokenize" in sections:
         r["tokenize_1mb"] = bench_tokenize(models["native"], path, repeats)
     del models
@@ -354,14 +364,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="runs per measurement; medians are reported (5)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for llama.cpp (all cores)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode measurement (64)")
-    ap.add_argument("--only", help=f"comma-separated sections (default: all): {', '.join(SECTIONS)}")
+    ap.add_argument("--only", help=f"comma-separated sections (default: all but device): {', '.join(SECTIONS)}")
 
 
 def parse_sections(text: str | None) -> tuple[str, ...]:
     from .errors import InvalidInputError
 
     if text is None:
-        return SECTIONS
+        return DEFAULT_SECTIONS
     chosen = tuple(s.strip() for s in text.split(","))
     bad = [s for s in chosen if s not in SECTIONS]
     if bad:

@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import jaxllama  # noqa: E402
 from jaxllama import parallel  # noqa: E402
 from jaxllama.model import forward_capture_jit, forward_step, init_cache  # noqa: E402
-from hlo_check import unfused  # noqa: E402
+from jaxllama.hlo import unfused  # noqa: E402
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:

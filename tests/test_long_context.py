@@ -11,7 +11,7 @@ import pytest
 
 import jaxllama
 from jaxllama.model import Visibility, attention, forward_hidden, forward_jit, forward_step, init_cache
-from hlo_check import unfused
+from jaxllama.hlo import unfused  # noqa: E402
 from numpy_reference import reference_logits
 from tiny_models import TinySpec
 

@@ -20,7 +20,7 @@ from jaxllama import kernels
 from jaxllama.gguf.convert import PACKED_QMIN, _shift_to_unsigned, native_values, pack_nibbles, unpack_nibbles
 from jaxllama.gguf.dequant import AFFINE, affine_blocks
 from jaxllama.model import forward_step, init_cache, xla_native_dense
-from hlo_check import unfused
+from jaxllama.hlo import unfused  # noqa: E402
 from numpy_reference import reference_logits
 from test_model import TOKENS, VARIANTS
 
