@@ -12,6 +12,8 @@ weight matrices that exist outside fusions (none means the dequantization is fus
 from __future__ import annotations
 
 import statistics
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -85,6 +87,12 @@ def bench_device(models: dict, repeats: int, n_new: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     greedy = Sampler(temperature=0.0)
     out: dict[str, Any] = {"device_kind": jax.devices()[0].device_kind, "copy_gb_s": copy_gb_s(repeats)}
+    t0 = time.perf_counter()
+
+    def log(what: str, value: Any) -> None:  # each figure as it comes: a time limit keeps the earlier ones
+        print(f"device bench {time.perf_counter() - t0:7.1f}s {what}: {value}", file=sys.stderr, flush=True)
+
+    log("copy_gb_s", out["copy_gb_s"])
     for layout, m in models.items():
         c, row = m.config, {}
         for b, n in ((1, 128), (1, 512), (8, 512)):
@@ -92,6 +100,7 @@ def bench_device(models: dict, repeats: int, n_new: int) -> dict[str, Any]:
             jax.block_until_ready(forward_jit(m.params, batch, c))
             t, _ = timed(lambda: jax.block_until_ready(forward_jit(m.params, batch, c)), repeats)
             row[f"prefill_{b}x{n}_tok_s"] = round(b * n / t, 1)
+            log(f"{layout} prefill_{b}x{n}_tok_s", row[f"prefill_{b}x{n}_tok_s"])
         prompt = m.tokenizer.encode("The history of the printing press begins in the fifteenth century")
         weights = weight_bytes(m.params, c)
         row["weight_mb"] = round(weights / 1e6, 1)
@@ -105,6 +114,8 @@ def bench_device(models: dict, repeats: int, n_new: int) -> dict[str, Any]:
             row[f"decode_{rows}_tok_s"] = round(rate, 1)
             row[f"decode_{rows}_read_gb_s"] = round(gb_s, 1)
             row[f"decode_{rows}_share_of_copy"] = round(gb_s / out["copy_gb_s"], 3)
+            log(f"{layout} decode_{rows}", {k: v for k, v in row.items() if k.startswith(f"decode_{rows}")})
         row["kernels"] = compiled_kernels(m)
+        log(f"{layout} kernels", row["kernels"])
         out[layout] = row
     return out

@@ -24,3 +24,21 @@ def test_sections_are_checked():
     assert parse_sections("prefill, scoring") == ("prefill", "scoring")
     with pytest.raises(InvalidInputError, match="--only: unknown section 'prefil'"):
         parse_sections("prefil")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_bytes_are_the_files_tensors(tiny_factory, tied):
+    """The device section's bytes per decode step: every float32 weight once, counted from the
+    GGUF's own tensor table, the embedding table left out when a separate output matrix exists
+    (a step then reads one row of it per token)."""
+    import gguf
+
+    import jaxllama
+    from jaxllama.benchmark_device import weight_bytes
+    from tiny_models import TinySpec
+
+    path = tiny_factory(TinySpec(tied=tied))
+    tensors = gguf.GGUFReader(path).tensors
+    want = 4 * sum(int(t.n_elements) for t in tensors if tied or t.name != "token_embd.weight")
+    m = jaxllama.load(path, weights="float32")
+    assert weight_bytes(m.params, m.config) == want

@@ -27,8 +27,9 @@ bench)  # versions, then the benchmark (CPU kernels off: they are not used on ac
     model=/tmp/same_shape.gguf
     $py tools/same_shape_model.py "$model" | tee "$out/model.txt"
   fi
-  JAXLLAMA_KERNELS=0 timeout "${BENCH_LIMIT:-280}" $py -m jaxllama bench --model "$model" --only device,fill --repeats 3 >"$out/bench.json" 2>"$out/bench.err"
-  echo "bench exit $?"; tail -5 "$out/bench.err"; cat "$out/bench.json"
+  JAXLLAMA_KERNELS=0 timeout "${BENCH_LIMIT:-280}" $py -m jaxllama bench --model "$model" --only "${BENCH_SECTIONS:-device,fill}" --repeats "${BENCH_REPEATS:-3}" \
+    >"$out/bench.json" 2> >(tee "$out/bench.err" >&2)
+  echo "bench exit $?"; cat "$out/bench.json"
   ;;
 tests)  # llama.cpp-free tests: with the default model if present, then those on tiny random models
   if $py -c "from jaxllama.gguf.default_model import default_model_path as p; p(download=False)"; then
