@@ -563,6 +563,7 @@ def forward_step(
     config: LlamaConfig,
     act_quant: tuple[tuple[str, str | None], ...] | None = None,
     probes: ProbeSpec | None = None,
+    last_only: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run tokens `[B, T]` that occupy cache slots `start .. start+T-1`; return logits and the new cache.
 
@@ -574,6 +575,10 @@ def forward_step(
     attended to. Prefill is one call with the (padded) prompt at `start = 0`; each decode step
     is a call with one token per row. `probes` (static) sends statistics and applies
     interventions as in `forward`, for the tokens of this call; captures are not supported here.
+    `last_only` (static; a prefill's choice) gives logits `[B, 1, V]` of each row's last token
+    alone: the output matrix then multiplies B rows, not B * T (with native weights, a matrix-vector
+    product that never builds the float32 vocabulary matrix), and the probes of the final norm and
+    output see that position only.
     """
     p = params["params"]
     c = config
@@ -608,6 +613,10 @@ def forward_step(
     gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
     xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
     (x, k, v), _ = lax.scan(body, (embed(p, tokens, c, gtap), cache["k"], cache["v"]), xs)
+    if last_only:  # the embedding's statistics first, for every token; then the head's, for the last
+        emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
+        x, valid, positions, glob = x[:, -1:], valid[:, -1:], positions[:, -1:], {}
+        gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
     logits = head(p, x, c, aq, gtap)
     emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
     return logits, {"k": k, "v": v}

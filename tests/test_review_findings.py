@@ -197,6 +197,24 @@ def test_generation_reports_statistics_per_generated_token(tiny_factory):
         assert abs(r["max"] - x.max()) <= 1e-4 * abs(x).max()
 
 
+def test_generation_prefill_reports_the_prompt_and_its_last_logits(tiny_factory):
+    """The prefill computes logits for each row's last prompt token only (the one sampled from):
+    its output statistics are that token's, while the embedding's cover the whole prompt."""
+    m = jaxllama.load(tiny_factory(TinySpec(tied=False)))
+    prompt = [5, 6, 7]
+    with jaxllama.trace(probes=["inp_embd", "result_output"]) as rec:
+        generate(m, [prompt], 2, stop_at_eog=False)
+    first = {r["probe"]: r for r in rec.records if r["step"] == 0}
+    with jaxllama.trace(probes=[], capture=["inp_embd", "result_output"]) as full:
+        m.logits(prompt)
+    logits = full.activation("result_output")[0].astype(np.float64)
+    embd = full.activation("inp_embd")[0].astype(np.float64)
+    assert first["result_output"]["position"] == 2 and "position" not in first["inp_embd"]
+    for got, want in ((first["result_output"], logits[2]), (first["inp_embd"], embd)):
+        assert abs(got["rms"] - np.sqrt(np.mean(want * want))) <= 1e-5 * got["rms"]
+        assert abs(got["min"] - want.min()) <= 1e-5 * np.abs(want).max()
+
+
 def test_interventions_apply_during_generation(tiny_factory):
     m = jaxllama.load(tiny_factory(TinySpec(tied=False)))  # (tied tiny models repeat one token)
     plain = generate(m, [[5, 6, 7]], 6, stop_at_eog=False).tokens[0]

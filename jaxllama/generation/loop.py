@@ -83,7 +83,8 @@ def _choose(logits: jax.Array, state: State, st: Static) -> State:
 
 
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, state: State, st: Static) -> State:
-    logits, cache = forward_step(params, tokens, state.cache, jnp.int32(0), pad, st.config, st.act_quant, st.probes)
+    logits, cache = forward_step(params, tokens, state.cache, jnp.int32(0), pad, st.config, st.act_quant, st.probes,
+                                 last_only=True)
     return _choose(logits[:, -1], state._replace(cache=cache), st)
 
 
