@@ -226,7 +226,8 @@ def bench_memory(path: Path) -> dict[str, Any]:
     """Resident memory of a process that loads the model and greedily decodes 64 tokens (warm
     compilation cache): its whole-run peak (the load's included), its RSS after the load, and its
     peak while decoding (VmHWM restarted after the load), each next to a process that only
-    imported jax (`baseline`)."""
+    imported jax (`baseline`); and llama-cpp-python's peak doing the same, over its RSS once imported
+    (its mapped GGUF pages count as resident)."""
     out = {"gguf_mb": round(path.stat().st_size / 2**20, 1), "baseline_rss_mb": _child_rss(path, "baseline", "native")}
     for layout in LAYOUTS:
         _child_rss(path, "decode", layout)  # fill the compilation cache
@@ -235,6 +236,9 @@ def bench_memory(path: Path) -> dict[str, Any]:
         out[f"{layout}_peak_over_baseline_mb"] = round(r["peak_rss_mb"] - out["baseline_rss_mb"], 1)
         if "decode_phase_peak_rss_mb" in r:
             out[f"{layout}_decode_phase_over_baseline_mb"] = round(r["decode_phase_peak_rss_mb"] - out["baseline_rss_mb"], 1)
+    theirs = _child_rss(path, "llama_cpp_decode", "native", "all")
+    out["llama_cpp_decode"] = theirs
+    out["llama_cpp_peak_over_baseline_mb"] = round(theirs["peak_rss_mb"] - theirs["baseline_rss_mb"], 1)
     key = "native_decode_phase_over_baseline_mb" if "native_decode_phase_over_baseline_mb" in out else "native_peak_over_baseline_mb"
     out["native_decode_over_baseline_per_gguf"] = round(out[key] / out["gguf_mb"], 2)
     return out
@@ -320,6 +324,14 @@ def bench_tokenize(model: Any, path: Path, repeats: int) -> dict[str, Any]:
 
 def _child_main(what: str, layout: str, path: Path) -> None:
     """One isolated measurement in this process; prints its peak RSS as JSON."""
+    if what == "llama_cpp_decode":  # llama-cpp-python: RSS once imported, then the peak of a 64-token answer
+        import llama_cpp
+
+        base = peak_rss_mb("VmRSS")
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+        llm("The history of the printing press", max_tokens=64, temperature=0)
+        print(json.dumps({"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base}))
+        return
     import jax
 
     import jaxllama
