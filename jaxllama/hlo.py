@@ -21,8 +21,9 @@ def kernel_counts(text: str) -> dict[str, int]:
     """How often each kind of matrix kernel occurs in compiled HLO `text` (a loop body counts once):
     GPU Triton GEMM fusions (which can hold a dequantization), cuBLAS calls (on operands built
     in memory), and jaxllama's CPU kernels."""
-    from .kernels import ATTEND_TARGET, TARGET
+    from .kernels import ATTEND_TARGET, DEQUANT_TARGET, TARGET
 
     markers = {"triton_gemm": "__triton_gemm", "cublas": 'custom_call_target="__cublas',
-               "jaxllama_gemv": f'custom_call_target="{TARGET}"', "jaxllama_attend": f'custom_call_target="{ATTEND_TARGET}"'}
+               "jaxllama_gemv": f'custom_call_target="{TARGET}"', "jaxllama_attend": f'custom_call_target="{ATTEND_TARGET}"',
+               "jaxllama_dequant": f'custom_call_target="{DEQUANT_TARGET}"'}
     return {name: text.count(marker) for name, marker in markers.items()}

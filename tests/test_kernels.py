@@ -81,6 +81,41 @@ ATTEND = textwrap.dedent("""
 """)
 
 
+# One layer's matrix in float32 (`kernels.dequant`): int8 and packed q, groups of 16, 32 and 64,
+# with and without offsets, stacked layers (layer 2 of 3) and a plain matrix, against numpy's
+# float32 `scale * q` then `+ offset`: equal bit for bit. The fallback would give NaN. `fused`
+# counts values where one FMA would round differently, so the data can tell the two apart.
+DEQUANT = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, numpy as np
+    from jaxllama import kernels
+    from jaxllama.gguf.convert import pack_nibbles
+    rng = np.random.default_rng(2)
+    mismatched, fused, used = 0, 0, 0
+    for packed in (False, True):
+        for group in (16, 32, 64):
+            for offset in (False, True):
+                for layer in (None, 2):
+                    n, k = 203, 576
+                    lead = () if layer is None else (3,)
+                    q = rng.integers(0 if packed else -128, 16 if packed else 128, (*lead, n, k)).astype(np.int8)
+                    scale = rng.normal(size=(*lead, n, k // group)).astype(np.float32)
+                    leaf = {"q": pack_nibbles(jnp.asarray(q)) if packed else jnp.asarray(q), "scale": jnp.asarray(scale)}
+                    ql, sl = (q, scale) if layer is None else (q[layer], scale[layer])
+                    want = np.repeat(sl, group, axis=-1) * ql.astype(np.float32)
+                    if offset:
+                        off = rng.normal(size=(*lead, n, k // group)).astype(np.float32)
+                        leaf["offset"] = jnp.asarray(off)
+                        o = np.repeat(off if layer is None else off[layer], group, axis=-1)
+                        exact = np.repeat(sl, group, axis=-1).astype(np.float64) * ql + o
+                        fused += int((exact.astype(np.float32) != want + o).sum())
+                        want = want + o
+                    got = np.asarray(jax.jit(lambda l: kernels.dequant(l, layer, lambda _: jnp.full((n, k), jnp.nan)))(leaf))
+                    used += int(not np.isnan(got).any())
+                    mismatched += int((got.view(np.uint32) != want.view(np.uint32)).sum())
+    print(json.dumps({"isa": kernels.isa(), "mismatched": mismatched, "fused": fused, "used": used}))
+""")
+
+
 def _child(env: dict, script: str = CHILD) -> dict:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                          env={**os.environ, **env})
@@ -120,6 +155,16 @@ def test_decode_attention_kernel_matches_numpy(forced):
     assert got["isa"] == (forced or got["isa"]) and got["isa"] != "xla"
     assert got["used"] == 9
     assert got["worst"] < 1e-5  # averages of N(0, 1) values; measured 8e-7 (vector), 2.6e-6 (portable)
+
+
+@pytest.mark.parametrize("forced", ["", "avx2", "portable"], ids=["cpu-default", "avx2", "portable"])
+def test_dequant_kernel_equals_numpy_bit_for_bit(forced):
+    """The float32 matrix the kernel builds for prompts and scoring holds exactly the values of
+    the float32 layout: a product then a sum, never one FMA."""
+    got = _child({"JAXLLAMA_KERNEL_ISA": forced}, DEQUANT)
+    assert got["isa"] == (forced or got["isa"]) and got["isa"] != "xla"
+    assert got["used"] == 24 and got["fused"] > 1000  # the data tells an FMA apart
+    assert got["mismatched"] == 0
 
 
 def test_stacked_layers_are_read_in_place():

@@ -22,7 +22,7 @@ from jaxllama.generation import generate
 from jaxllama import kernels
 from jaxllama.gguf.convert import PACKED_QMIN, _shift_to_unsigned, native_values, pack_nibbles, unpack_nibbles
 from jaxllama.gguf.dequant import AFFINE, affine_blocks
-from jaxllama.model import forward_step, init_cache, xla_native_dense
+from jaxllama.model import forward, forward_step, init_cache, xla_native_dense
 from jaxllama.hlo import kernel_counts, unfused  # noqa: E402
 from numpy_reference import reference_logits
 from test_model import TOKENS, VARIANTS
@@ -115,6 +115,10 @@ def test_one_row_product_never_builds_the_float32_matrix(default_model):
         assert calls["jaxllama_attend"] == 1  # the attention, in the layer scan
     else:  # an accelerator: XLA's own fused products (the CPU kernels are never lowered there)
         assert calls["jaxllama_gemv"] == calls["jaxllama_attend"] == 0
+    prompt = unfused(jax.jit(forward, static_argnames="config").lower(
+        m.params, jnp.zeros((1, 32), jnp.int32), m.config).compile().as_text())
+    if jax.default_backend() == "cpu":  # many rows: each layer's matrix built by the dequant kernel
+        assert kernel_counts(prompt)["jaxllama_dequant"] >= 8  # 7 per layer + head
     # generation's prefill asks for each row's last logits only: B rows through the output matrix,
     # so the float32 vocabulary matrix is not built; for every position (the control) it is
     for last_only, built in ((True, False), (False, True)):

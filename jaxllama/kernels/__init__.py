@@ -1,13 +1,15 @@
 """Native CPU kernels registered with XLA through `jax.ffi`, with pure-JAX fallbacks.
 
-Two kernels, both for decoding: `gemv`, the product of a few activation rows with a quantized
+Three kernels. Two for decoding: `gemv`, the product of a few activation rows with a quantized
 weight matrix in jaxllama's native layout (`q` int8, `scale`, `offset`), without building the
 float32 matrix (XLA:CPU fuses dequantization into a matrix-vector product on one thread only,
 REFERENCE §7); and `attend`, one query per row against the filled slots of a layer-stacked KV
 cache (XLA's form transposes key blocks and calls its matrix library for tiny products: at 8 rows
-that was a third of a decode step). Both share their work out among XLA's intra-op threads and
-are vectorized for the CPU they run on (AVX-512, AVX2, or portable C++, chosen when the library
-loads).
+that was a third of a decode step). One for prompts and scoring: `dequant`, one layer's matrix in
+float32 for XLA's matrix multiplication (XLA's own unpacking of 4-bit blocks ran at a fifth of the
+memory bandwidth: with it, native prefill took 1.65x the float32 layout's time). All share their
+work out among XLA's intra-op threads and are vectorized for the CPU they run on (AVX-512, AVX2,
+or portable C++, chosen when the library loads).
 
 The C++ source ships with the package and is compiled on the user's machine with the system C++
 compiler: by `tools/setup.sh` at install time, otherwise on first use, into the jaxllama cache
@@ -37,9 +39,13 @@ from jax import lax
 
 from ..errors import JaxLlamaError
 
-SOURCES = ("gemv.cc", "gemv_body.inc", "attend_body.inc")
+SOURCES = ("gemv.cc", "gemv_body.inc", "attend_body.inc", "dequant_body.inc")
 TARGET = "jaxllama_gemv_v1"
 ATTEND_TARGET = "jaxllama_attend_v1"
+DEQUANT_TARGET = "jaxllama_dequant_v1"
+#: Compiler flags. -ffp-contract=off: the dequantization rounds a product, then a sum, as pure JAX
+#: does (a fused multiply-add would round once and give other values).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wno-psabi", "-Wno-attributes")
 #: Rows of x up to which the kernel is used; more rows are a matrix product XLA does better.
 MAX_ROWS = 16
 
@@ -72,6 +78,7 @@ def library_path(cxx: str | None = None) -> Path:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((Path(__file__).parent / name).read_bytes())
+    h.update(" ".join(FLAGS).encode())
     h.update(jaxlib.__version__.encode())
     h.update(_compiler_version(cxx).encode())
     return cache_dir() / "kernels" / f"gemv-{h.hexdigest()[:16]}.so"
@@ -89,8 +96,7 @@ def build(force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi", "-Wno-attributes",
-           f"-I{jax.ffi.include_dir()}", str(Path(__file__).parent / "gemv.cc"), "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(Path(__file__).parent / "gemv.cc"), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as e:
@@ -117,6 +123,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllamaGemv), platform="cpu")
         jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxllamaAttend), platform="cpu")
+        jax.ffi.register_ffi_target(DEQUANT_TARGET, jax.ffi.pycapsule(lib.JaxllamaDequant), platform="cpu")
         lib.JaxllamaKernelIsa.restype = ctypes.c_char_p
         return lib
     except (KernelBuildError, OSError, AttributeError) as e:
@@ -174,6 +181,24 @@ def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -
         return fallback(rows, one_layer(leaf, layer))
 
     return lax.platform_dependent(rows, q, scale, offset, index, cpu=on_cpu, default=elsewhere)
+
+
+def dequant(leaf: dict, layer: jax.Array | int | None, fallback: Callable[[dict], jax.Array]) -> jax.Array:
+    """Layer `layer`'s matrix `[N, K]` of a (layer-stacked) native leaf in float32, through the CPU
+    kernel when this process has it (the blocks read in place, every thread writing), else
+    `fallback(leaf_of_this_layer)`; the same values either way, bit for bit."""
+    if not available():
+        return fallback(one_layer(leaf, layer))
+    q, scale, offset, index = stacked(leaf, layer)
+    out = jax.ShapeDtypeStruct((q.shape[1], q.shape[2] * (2 if q.dtype == jnp.uint8 else 1)), jnp.float32)
+
+    def on_cpu(q, scale, offset, index):
+        return jax.ffi.ffi_call(DEQUANT_TARGET, out)(q, scale, offset, index)
+
+    def elsewhere(q, scale, offset, index):
+        return fallback(one_layer(leaf, layer))
+
+    return lax.platform_dependent(q, scale, offset, index, cpu=on_cpu, default=elsewhere)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: jax.Array,

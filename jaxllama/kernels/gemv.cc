@@ -8,7 +8,10 @@
 // packed as GGUF packs Q4 blocks: per 32 values, 16 bytes, low nibbles = values 0..15, high
 // nibbles = values 16..31. Rows of W are shared out among XLA's intra-op threads.
 //
-// One source, compiled for AVX-512, AVX2 and portable C++ (gemv_body.inc included three times);
+// Also: one layer's W in float32 (`JaxllamaDequant`, dequant_body.inc) for products with many rows,
+// which XLA multiplies best on a built matrix; the same values as jaxllama's pure-JAX dequantization.
+//
+// One source, compiled for AVX-512, AVX2 and portable C++ (the *_body.inc files included three times);
 // the CPU is asked at load time which to use, so one build runs on any x86-64 (and elsewhere).
 #include <algorithm>
 #include <atomic>
@@ -101,6 +104,7 @@ inline V broadcast(float s) { return _mm512_set1_ps(s); }
 inline V loadx(const float* p) { return _mm512_loadu_ps(p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
 inline void storex(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V weights_i8(const uint8_t* p) {
@@ -117,6 +121,7 @@ inline void unpack32(const uint8_t* p, V* w) {
 }
 #include "gemv_body.inc"
 #include "attend_body.inc"
+#include "dequant_body.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -130,6 +135,7 @@ inline V broadcast(float s) { return _mm256_set1_ps(s); }
 inline V loadx(const float* p) { return _mm256_loadu_ps(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -155,6 +161,7 @@ inline void unpack32(const uint8_t* p, V* w) {
 }
 #include "gemv_body.inc"
 #include "attend_body.inc"
+#include "dequant_body.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // x86
@@ -168,6 +175,7 @@ inline V broadcast(float s) { return s; }
 inline V loadx(const float* p) { return *p; }
 inline V fma(V a, V b, V c) { return a * b + c; }
 inline V add(V a, V b) { return a + b; }
+inline V mul(V a, V b) { return a * b; }
 inline float hsum(V v) { return v; }
 inline void storex(float* p, V v) { *p = v; }
 inline V weights_i8(const uint8_t* p) { return static_cast<float>(static_cast<int8_t>(*p)); }
@@ -180,6 +188,7 @@ inline void unpack32(const uint8_t* p, V* w) {
 }
 #include "gemv_body.inc"
 #include "attend_body.inc"
+#include "dequant_body.inc"
 }  // namespace portable
 
 using RowsRange = void (*)(const Problem&, int64_t, int64_t);
@@ -188,6 +197,7 @@ using AttendRange = void (*)(const Attend&, int64_t, int64_t);
 struct Path {
   RowsRange rows;
   AttendRange attend;
+  RowsRange dequant;
   const char* isa;
 };
 
@@ -195,16 +205,16 @@ Path pick() {
   // JAXLLAMA_KERNEL_ISA=avx2|portable forces a narrower path (tests run every path on one machine).
   const char* forced = std::getenv("JAXLLAMA_KERNEL_ISA");
   const std::string isa = forced ? forced : "";
-  if (isa == "portable") return {portable::rows_range, portable::attend_range, "portable"};
+  if (isa == "portable") return {portable::rows_range, portable::attend_range, portable::dequant_range, "portable"};
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return {avx512::rows_range, avx512::attend_range, "avx512"};
-  if (avx2) return {avx2::rows_range, avx2::attend_range, "avx2"};
+    return {avx512::rows_range, avx512::attend_range, avx512::dequant_range, "avx512"};
+  if (avx2) return {avx2::rows_range, avx2::attend_range, avx2::dequant_range, "avx2"};
 #endif
-  return {portable::rows_range, portable::attend_range, "portable"};
+  return {portable::rows_range, portable::attend_range, portable::dequant_range, "portable"};
 }
 
 const Path chosen = pick();
@@ -244,37 +254,66 @@ void parallel(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::function
   while (job->done.load(std::memory_order_acquire) < job->chunks) relax();
 }
 
+// One layer of stacked blocks as a Problem (x and out filled in by the caller), or an error.
+// q, scale and offset hold every layer ([L, N, ...]); `layer_index` picks one, so that XLA passes
+// the stacked arrays as they are instead of copying one layer's slice out for each call.
+ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scale,
+                         ffi::Buffer<ffi::F32>& offset, ffi::Buffer<ffi::S32>& layer_index, int64_t k,
+                         Problem& prob) {
+  const auto qd = q.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
+  const std::string name(what);
+  if (qd.size() != 3 || sd.size() != 3 || od.size() != 3)
+    return ffi::Error::InvalidArgument(name + ": q, scale and offset must be rank 3");
+  const bool packed = q.element_type() == ffi::U8;
+  if (!packed && q.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument(name + ": q must be int8 or packed uint8");
+  if (k < 0) k = qd[2] * (packed ? 2 : 1);
+  const int64_t layers = qd[0], layer = layer_index.typed_data()[0];
+  const int64_t n = qd[1], groups = sd[2];
+  if (qd[2] * (packed ? 2 : 1) != k || sd[0] != layers || sd[1] != n || groups <= 0 || k % groups ||
+      (k / groups) % 16 || (packed && k % 32))
+    return ffi::Error::InvalidArgument(name + ": shapes of x, q and scale do not agree");
+  const bool has_offset = offset.element_count() != 0;
+  if (has_offset && (od[0] != layers || od[1] != n || od[2] != groups))
+    return ffi::Error::InvalidArgument(name + ": offset must match scale");
+  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument(name + ": layer index out of range");
+  const int64_t row_bytes = packed ? k / 2 : k;
+  prob = Problem{nullptr, static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
+                 scale.typed_data() + layer * n * groups, has_offset ? offset.typed_data() + layer * n * groups : nullptr,
+                 nullptr, 0, n, k, groups, k / groups, packed};
+  return ffi::Error::Success();
+}
+
+// Rows of W per work item: at most 64 KiB of weights, and several items per thread to even out the load.
+int64_t rows_per_item(const Problem& p, ffi::ThreadPool& pool) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_bytes = p.packed ? p.k / 2 : p.k;
+  return std::min<int64_t>((65536 + row_bytes - 1) / row_bytes, (p.n + 4 * threads - 1) / (4 * threads));
+}
+
 ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
                     ffi::Buffer<ffi::S32> layer_index, ffi::ResultBuffer<ffi::F32> out) {
-  // q, scale and offset hold every layer ([L, N, ...]); `layer_index` picks one, so that XLA passes
-  // the stacked arrays as they are instead of copying one layer's slice out for each call.
-  const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
-  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || od.size() != 3)
-    return ffi::Error::InvalidArgument("gemv: x must be rank 2, q, scale and offset rank 3");
-  const bool packed = q.element_type() == ffi::U8;
-  if (!packed && q.element_type() != ffi::S8)
-    return ffi::Error::InvalidArgument("gemv: q must be int8 or packed uint8");
-  const int64_t layers = qd[0], layer = layer_index.typed_data()[0];
-  const int64_t m = xd[0], k = xd[1], n = qd[1], groups = sd[2];
-  if (qd[2] * (packed ? 2 : 1) != k || sd[0] != layers || sd[1] != n || groups <= 0 || k % groups ||
-      (k / groups) % 16 || (packed && k % 32))
-    return ffi::Error::InvalidArgument("gemv: shapes of x, q and scale do not agree");
-  const bool has_offset = offset.element_count() != 0;
-  if (has_offset && (od[0] != layers || od[1] != n || od[2] != groups))
-    return ffi::Error::InvalidArgument("gemv: offset must match scale");
-  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument("gemv: layer index out of range");
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("gemv: x must be rank 2");
+  Problem prob;
+  if (auto e = layer_problem("gemv", q, scale, offset, layer_index, xd[1], prob); e.failure()) return e;
+  prob.x = x.typed_data();
+  prob.out = out->typed_data();
+  prob.m = xd[0];
+  parallel(pool, prob.n, rows_per_item(prob, pool), [prob](int64_t n0, int64_t n1) { chosen.rows(prob, n0, n1); });
+  return ffi::Error::Success();
+}
 
-  const int64_t group = k / groups;
-  const int64_t row_bytes = packed ? k / 2 : k;
-  const Problem prob{x.typed_data(), static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
-                     scale.typed_data() + layer * n * groups,
-                     has_offset ? offset.typed_data() + layer * n * groups : nullptr, out->typed_data(),
-                     m, n, k, groups, group, packed};
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // At most 64 KiB of weights per chunk, and several chunks per thread to even out the load.
-  const int64_t chunk = std::min<int64_t>((65536 + row_bytes - 1) / row_bytes, (n + 4 * threads - 1) / (4 * threads));
-  parallel(pool, n, chunk, [prob](int64_t n0, int64_t n1) { chosen.rows(prob, n0, n1); });
+// One layer's W [N, K] in float32 (see dequant_body.inc), for products with many rows of x,
+// which XLA's matrix multiplication does best on a built matrix.
+ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer_index,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  Problem prob;
+  if (auto e = layer_problem("dequant", q, scale, offset, layer_index, -1, prob); e.failure()) return e;
+  prob.out = out->typed_data();
+  parallel(pool, prob.n, rows_per_item(prob, pool), [prob](int64_t n0, int64_t n1) { chosen.dequant(prob, n0, n1); });
   return ffi::Error::Success();
 }
 
@@ -327,6 +366,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaGemv, GemvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaDequant, DequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
