@@ -347,11 +347,10 @@ def _child_main(what: str, layout: str, path: Path) -> None:
             jaxllama.use_compilation_cache()  # warm caches, as a user's second run has them
             prompt = model.tokenizer.encode("The history of the printing press")
             out["after_load_rss_mb"], out["load_peak_rss_mb"] = peak_rss_mb("VmRSS"), peak_rss_mb()
-            if reset_peak_rss():
-                generate(model, [prompt], 64, stop_at_eog=False)
+            restarted = reset_peak_rss()
+            generate(model, [prompt], 64, stop_at_eog=False)
+            if restarted:
                 out["decode_phase_peak_rss_mb"] = peak_rss_mb()
-            else:
-                generate(model, [prompt], 64, stop_at_eog=False)
     whole = max(peak_rss_mb(), out.get("load_peak_rss_mb", 0.0))  # VmHWM may have restarted after the load
     print(json.dumps({"peak_rss_mb": whole, **out}))
 

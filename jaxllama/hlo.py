@@ -16,7 +16,6 @@ def unfused(text: str) -> str:
     return "\n".join(c for c in computations if c.strip().split(" ", 1)[0].lstrip("%") not in bodies)
 
 
-
 def kernel_counts(text: str) -> dict[str, int]:
     """How often each kind of matrix kernel occurs in compiled HLO `text` (a loop body counts once):
     GPU Triton GEMM fusions (which can hold a dequantization), cuBLAS calls (on operands built

@@ -17,13 +17,16 @@ tests() {  # tests() LIMIT_S LOG ARGS...: pytest, llama.cpp-free, each test at m
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" $py -m pytest -q -m "not llamacpp" -p no:cacheprovider \
     -o addopts="" -rfE --timeout 150 "$@" 2>&1 | tee "$out/$log" | tail -40
 }
+have_model() {  # the default model is in $JAXLLAMA_CACHE, hash-checked (nothing is downloaded here)
+  $py -c "from jaxllama.gguf.default_model import default_model_path as p; p(download=False)" 2>/dev/null
+}
 case $what in
 bench)  # versions, then the benchmark (CPU kernels off: they are not used on accelerators) on the default
         # model if present, else on a random one of its shapes
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1 | tee "$out/machine.txt"
   $py -c "import jax, jaxlib, flax, gguf, numpy; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__, jax.devices())" 2>&1 | tee -a "$out/machine.txt"
   model=$JAXLLAMA_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-  if ! $py -c "from jaxllama.gguf.default_model import default_model_path as p; p(download=False)" 2>/dev/null; then
+  if ! have_model; then
     model=/tmp/same_shape.gguf
     $py tools/same_shape_model.py "$model" | tee "$out/model.txt"
   fi
@@ -32,7 +35,7 @@ bench)  # versions, then the benchmark (CPU kernels off: they are not used on ac
   echo "bench exit $?"; cat "$out/bench.json"
   ;;
 tests)  # llama.cpp-free tests: with the default model if present, then those on tiny random models
-  if $py -c "from jaxllama.gguf.default_model import default_model_path as p; p(download=False)"; then
+  if have_model; then
     tests "${MODEL_TESTS_LIMIT:-150}" tests_model.log tests/test_weights.py tests/test_generation.py tests/test_long_context.py
   fi
   tests "${TINY_TESTS_LIMIT:-150}" tests_tiny.log tests/test_model.py tests/test_trace.py tests/test_sampling.py \

@@ -171,20 +171,10 @@ def _prepare(
             fill[i] += 1
     # built on the host and moved in one transfer: each eager jnp op here compiled a program of
     # its own (~2 MB resident and ~10 ms each in a fresh process)
-    small = jax.device_put((np.zeros(b, np.int32), np.int32(0), np.full((b, max_new), -1, np.int32),
-                            np.zeros(b, bool), counts, window, fill))
-    last, step, out, done, counts_d, window_d, fill_d = small
-    state = State(
-        cache=init_cache(c, b, p + max_new),
-        last=last,
-        step=step,
-        out=out,
-        done=done,
-        keys=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]),
-        counts=counts_d,
-        window=window_d,
-        fill=fill_d,
-    )
+    last, step, out, done, counts, window, fill = jax.device_put(
+        (np.zeros(b, np.int32), np.int32(0), np.full((b, max_new), -1, np.int32), np.zeros(b, bool), counts, window, fill))
+    state = State(cache=init_cache(c, b, p + max_new), last=last, step=step, out=out, done=done,
+                  keys=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]), counts=counts, window=window, fill=fill)
     return tokens, pad, state
 
 

@@ -164,41 +164,38 @@ def one_layer(leaf: dict, layer: jax.Array | int | None) -> dict:
     return {k: lax.dynamic_index_in_dim(v, layer, keepdims=False) for k, v in leaf.items()}
 
 
+def _on_cpu(target: str, out: jax.ShapeDtypeStruct, args: tuple, fallback: Callable[[], jax.Array],
+            **attrs) -> jax.Array:
+    """The custom call `target` on `args` where the program runs on a CPU, `fallback()` elsewhere
+    (one program may be lowered for several platforms)."""
+    return lax.platform_dependent(*args, cpu=lambda *a: jax.ffi.ffi_call(target, out)(*a, **attrs),
+                                  default=lambda *a: fallback())
+
+
 def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -> jax.Array:
     """`rows [M, K] @ W.T` for a native leaf W, through the CPU kernel when this process has it,
     else `fallback(rows, leaf_of_this_layer)`. With `layer`, `leaf` holds every layer's blocks
     (`[L, N, K]`) and the product uses layer `layer` without copying it out."""
-
+    pure = lambda: fallback(rows, one_layer(leaf, layer))  # noqa: E731
     if not (rows.shape[0] <= MAX_ROWS and available()):
-        return fallback(rows, one_layer(leaf, layer))
+        return pure()
     q, scale, offset, index = stacked(leaf, layer)
     out = jax.ShapeDtypeStruct((rows.shape[0], q.shape[1]), jnp.float32)
-
-    def on_cpu(rows, q, scale, offset, index):
-        return jax.ffi.ffi_call(TARGET, out)(rows, q, scale, offset, index)
-
-    def elsewhere(rows, q, scale, offset, index):
-        return fallback(rows, one_layer(leaf, layer))
-
-    return lax.platform_dependent(rows, q, scale, offset, index, cpu=on_cpu, default=elsewhere)
+    return _on_cpu(TARGET, out, (rows, q, scale, offset, index), pure)
 
 
 def dequant(leaf: dict, layer: jax.Array | int | None, fallback: Callable[[dict], jax.Array]) -> jax.Array:
     """Layer `layer`'s matrix `[N, K]` of a (layer-stacked) native leaf in float32, through the CPU
     kernel when this process has it (the blocks read in place, every thread writing), else
     `fallback(leaf_of_this_layer)`; the same values either way, bit for bit."""
+    from ..gguf.convert import native_width
+
+    pure = lambda: fallback(one_layer(leaf, layer))  # noqa: E731
     if not available():
-        return fallback(one_layer(leaf, layer))
+        return pure()
     q, scale, offset, index = stacked(leaf, layer)
-    out = jax.ShapeDtypeStruct((q.shape[1], q.shape[2] * (2 if q.dtype == jnp.uint8 else 1)), jnp.float32)
-
-    def on_cpu(q, scale, offset, index):
-        return jax.ffi.ffi_call(DEQUANT_TARGET, out)(q, scale, offset, index)
-
-    def elsewhere(q, scale, offset, index):
-        return fallback(one_layer(leaf, layer))
-
-    return lax.platform_dependent(q, scale, offset, index, cpu=on_cpu, default=elsewhere)
+    out = jax.ShapeDtypeStruct((q.shape[1], native_width({"q": q})), jnp.float32)
+    return _on_cpu(DEQUANT_TARGET, out, (q, scale, offset, index), pure)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: jax.Array,
@@ -212,14 +209,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: j
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     args = (q.astype(jnp.float32), k, v, jnp.asarray(layer, jnp.int32).reshape(1), q_slot.astype(jnp.int32),
             key_ok.astype(bool), jnp.asarray(window, jnp.int32).reshape(1))
-
-    def on_cpu(*a):
-        return jax.ffi.ffi_call(ATTEND_TARGET, out)(*a, scale=np.float32(scale))
-
-    def elsewhere(*a):
-        return fallback()
-
-    return lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
+    return _on_cpu(ATTEND_TARGET, out, args, fallback, scale=np.float32(scale))
 
 
 def main() -> int:

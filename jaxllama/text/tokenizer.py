@@ -147,6 +147,7 @@ class Tokenizer:
 
     def __init__(self, metadata: Mapping[str, Any], name: str = "GGUF"):
         self.name = name
+        self._piece_cache: dict[tuple[int, bool], bytes] = {}  # (id, special) -> piece, filled by _piece
         md = metadata
         model = md.get("tokenizer.ggml.model")
         if model is None or "tokenizer.ggml.tokens" not in md:
@@ -474,10 +475,6 @@ class Tokenizer:
                 piece = b""
             self._piece_cache[key] = piece
         return piece
-
-    @cached_property
-    def _piece_cache(self) -> dict[tuple[int, bool], bytes]:
-        return {}
 
     def token_to_piece(self, token_id: int, special: bool = True) -> bytes:
         """The bytes one token stands for (llama.cpp's `llama_token_to_piece`, lstrip 0)."""
