@@ -17,33 +17,44 @@ from jaxllama import kernels
 from jaxllama.gguf.convert import native_values, pack_nibbles
 from jaxllama.model import xla_native_dense
 
+# Scales and offsets as the native layout may hold them: float32, or float16 (GGUF's own), then
+# with float16 subnormals among them (every 7th value tiny), which the kernels convert exactly.
+SCALES = """
+def scales(rng, shape, half):
+    s = rng.normal(size=shape)
+    if not half:
+        return s.astype(np.float32)
+    s.flat[::7] *= 1e-5
+    return s.astype(np.float16)
+"""
+
 # Runs in a child so that JAXLLAMA_KERNEL_ISA is read when the library loads. For int8 and packed
-# q, groups of 16 and 32, with and without offsets, 1..16 rows (and 17: the fallback) and a row
-# count that no chunk size divides: the worst error against float64 numpy, relative to sum |x * w|.
+# q, groups of 16 and 32, with and without offsets, float32 and float16 scales, 1..16 rows (and
+# 17: the fallback) and a row count that no chunk size divides: the worst error against float64
+# numpy, relative to sum |x * w|.
 CHILD = textwrap.dedent("""
-    import json, jax, jax.numpy as jnp, numpy as np
+    import itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
     from jaxllama.gguf.convert import native_values, pack_nibbles
     from jaxllama.model import xla_native_dense
     rng = np.random.default_rng(0)
     worst = 0.0
-    for packed in (False, True):
-        for group in (16, 32):
-            for offset in (False, True):
-                for m in (1, 2, 3, 4, 5, 8, 16, 17):
-                    n, k = 203, 576
-                    q = rng.integers(0 if packed else -128, 16 if packed else 128, (n, k)).astype(np.int8)
-                    leaf = {"q": jnp.asarray(q), "scale": jnp.asarray(rng.normal(size=(n, k // group)), jnp.float32)}
-                    if offset:
-                        leaf["offset"] = jnp.asarray(rng.normal(size=(n, k // group)), jnp.float32)
-                    w = np.asarray(native_values(leaf), np.float64)
-                    if packed:
-                        leaf["q"] = pack_nibbles(leaf["q"])
-                    x = rng.normal(size=(m, k)).astype(np.float32)
-                    got = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x, leaf))
-                    want = x.astype(np.float64) @ w.T
-                    size = np.abs(x.astype(np.float64)) @ np.abs(w).T  # the scale of a dot's rounding error
-                    worst = max(worst, float((np.abs(got - want) / size).max()))
+""") + SCALES + textwrap.dedent("""
+    for packed, group, offset, half in itertools.product((False, True), (16, 32), (False, True), (False, True)):
+        for m in (1, 2, 3, 4, 5, 8, 16, 17):
+            n, k = 203, 576
+            q = rng.integers(0 if packed else -128, 16 if packed else 128, (n, k)).astype(np.int8)
+            leaf = {"q": jnp.asarray(q), "scale": jnp.asarray(scales(rng, (n, k // group), half))}
+            if offset:
+                leaf["offset"] = jnp.asarray(scales(rng, (n, k // group), half))
+            w = np.asarray(native_values(leaf), np.float64)
+            if packed:
+                leaf["q"] = pack_nibbles(leaf["q"])
+            x = rng.normal(size=(m, k)).astype(np.float32)
+            got = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x, leaf))
+            want = x.astype(np.float64) @ w.T
+            size = np.abs(x.astype(np.float64)) @ np.abs(w).T  # the scale of a dot's rounding error
+            worst = max(worst, float((np.abs(got - want) / size).max()))
     print(json.dumps({"isa": kernels.isa(), "worst": worst}))
 """)
 
@@ -82,36 +93,36 @@ ATTEND = textwrap.dedent("""
 
 
 # One layer's matrix in float32 (`kernels.dequant`): int8 and packed q, groups of 16, 32 and 64,
-# with and without offsets, stacked layers (layer 2 of 3) and a plain matrix, against numpy's
-# float32 `scale * q` then `+ offset`: equal bit for bit. The fallback would give NaN. `fused`
-# counts values where one FMA would round differently, so the data can tell the two apart.
+# with and without offsets, float32 and float16 scales, stacked layers (layer 2 of 3) and a plain
+# matrix, against numpy's float32 `scale * q` then `+ offset`: equal bit for bit. The fallback
+# would give NaN. `fused` counts values where one FMA would round differently, so the data can
+# tell the two apart.
 DEQUANT = textwrap.dedent("""
-    import json, jax, jax.numpy as jnp, numpy as np
+    import itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
     from jaxllama.gguf.convert import pack_nibbles
     rng = np.random.default_rng(2)
     mismatched, fused, used = 0, 0, 0
-    for packed in (False, True):
-        for group in (16, 32, 64):
-            for offset in (False, True):
-                for layer in (None, 2):
-                    n, k = 203, 576
-                    lead = () if layer is None else (3,)
-                    q = rng.integers(0 if packed else -128, 16 if packed else 128, (*lead, n, k)).astype(np.int8)
-                    scale = rng.normal(size=(*lead, n, k // group)).astype(np.float32)
-                    leaf = {"q": pack_nibbles(jnp.asarray(q)) if packed else jnp.asarray(q), "scale": jnp.asarray(scale)}
-                    ql, sl = (q, scale) if layer is None else (q[layer], scale[layer])
-                    want = np.repeat(sl, group, axis=-1) * ql.astype(np.float32)
-                    if offset:
-                        off = rng.normal(size=(*lead, n, k // group)).astype(np.float32)
-                        leaf["offset"] = jnp.asarray(off)
-                        o = np.repeat(off if layer is None else off[layer], group, axis=-1)
-                        exact = np.repeat(sl, group, axis=-1).astype(np.float64) * ql + o
-                        fused += int((exact.astype(np.float32) != want + o).sum())
-                        want = want + o
-                    got = np.asarray(jax.jit(lambda l: kernels.dequant(l, layer, lambda _: jnp.full((n, k), jnp.nan)))(leaf))
-                    used += int(not np.isnan(got).any())
-                    mismatched += int((got.view(np.uint32) != want.view(np.uint32)).sum())
+""") + SCALES + textwrap.dedent("""
+    for packed, group, offset, half in itertools.product((False, True), (16, 32, 64), (False, True), (False, True)):
+        for layer in (None, 2):
+            n, k = 203, 576
+            lead = () if layer is None else (3,)
+            q = rng.integers(0 if packed else -128, 16 if packed else 128, (*lead, n, k)).astype(np.int8)
+            scale = scales(rng, (*lead, n, k // group), half)
+            leaf = {"q": pack_nibbles(jnp.asarray(q)) if packed else jnp.asarray(q), "scale": jnp.asarray(scale)}
+            ql, sl = (q, scale.astype(np.float32)) if layer is None else (q[layer], scale[layer].astype(np.float32))
+            want = np.repeat(sl, group, axis=-1) * ql.astype(np.float32)
+            if offset:
+                off = scales(rng, (*lead, n, k // group), half)
+                leaf["offset"] = jnp.asarray(off)
+                o = np.repeat((off if layer is None else off[layer]).astype(np.float32), group, axis=-1)
+                exact = np.repeat(sl, group, axis=-1).astype(np.float64) * ql + o
+                fused += int((exact.astype(np.float32) != want + o).sum())
+                want = want + o
+            got = np.asarray(jax.jit(lambda l: kernels.dequant(l, layer, lambda _: jnp.full((n, k), jnp.nan)))(leaf))
+            used += int(not np.isnan(got).any())
+            mismatched += int((got.view(np.uint32) != want.view(np.uint32)).sum())
     print(json.dumps({"isa": kernels.isa(), "mismatched": mismatched, "fused": fused, "used": used}))
 """)
 
@@ -163,7 +174,7 @@ def test_dequant_kernel_equals_numpy_bit_for_bit(forced):
     the float32 layout: a product then a sum, never one FMA."""
     got = _child({"JAXLLAMA_KERNEL_ISA": forced}, DEQUANT)
     assert got["isa"] == (forced or got["isa"]) and got["isa"] != "xla"
-    assert got["used"] == 24 and got["fused"] > 1000  # the data tells an FMA apart
+    assert got["used"] == 48 and got["fused"] > 1000  # the data tells an FMA apart
     assert got["mismatched"] == 0
 
 

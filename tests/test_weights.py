@@ -87,6 +87,26 @@ def test_quantized_tiny_model_is_native_and_smaller(tiny_factory):
     assert native.params["params"]["layers"]["ffn_down"]["q"].dtype == jnp.int8  # has Q6_K layers: int8
 
 
+def test_native_blocks_are_the_gguf_bytes_and_the_float32_values(default_gguf, default_model):
+    """GGUF keeps Q4_1's and Q8_0's scales (and Q4_1's minimums) as float16, so the native layout
+    stores them as float16 too: its matrices take exactly the bytes of their GGUF tensors (as the
+    gguf package's reader counts them), and hold bit for bit the float32 layout's values."""
+    reader = gguf.GGUFReader(default_gguf)
+    quantized = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type in (T.Q4_1, T.Q8_0))
+    p = default_model.params["params"]
+    leaves = [*p["layers"].values(), p["token_embd"]]
+    native = [leaf for leaf in leaves if "q" in leaf]
+    assert len(native) == 8 and all(leaf["scale"].dtype == jnp.float16 for leaf in native)
+    assert all(leaf["offset"].dtype == jnp.float16 for leaf in native if "offset" in leaf)
+    assert sum(x.nbytes for leaf in native for x in jax.tree.leaves(leaf)) == quantized
+    f32 = jaxllama.load(default_gguf, weights="float32").params["params"]
+    for name, leaf in p["layers"].items():
+        if "q" in leaf:
+            got = np.asarray(native_values(leaf))
+            want = np.swapaxes(np.asarray(f32["layers"][name]["kernel"]), -1, -2)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
+
+
 def test_default_model_native_matches_float32(default_gguf, default_model):
     f32 = jaxllama.load(default_gguf, weights="float32")
     assert default_model.weights == "native"  # the default: fastest exact layout

@@ -150,7 +150,7 @@ def stacked(leaf: dict, layer: jax.Array | int | None) -> tuple[jax.Array, jax.A
         q, scale = q[None], scale[None]
     offset = leaf.get("offset")
     if offset is None:
-        offset = jnp.zeros((*scale.shape[:-1], 0), jnp.float32)
+        offset = jnp.zeros((*scale.shape[:-1], 0), scale.dtype)
     elif layer is None:
         offset = offset[None]
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)

@@ -41,19 +41,42 @@ constexpr int kMaxRows = 8;  // rows of x handled per pass over a row of W (whic
 constexpr int64_t kAttendChunk = 256;  // keys per work item of the decode attention
 constexpr int64_t kAttendAhead = 32;   // cache rows prefetched ahead (8 rows: 7.5 GB/s, 32: 9.3)
 
-// Asks for the `n` floats at p ahead of use (prefetches never fault, past the end included).
-inline void prefetch_row(const float* p, int64_t n) {
-  for (int64_t byte = 0; byte < n * 4; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + byte);
+// Asks for the `n` values at p ahead of use (prefetches never fault, past the end included).
+template <typename S>
+inline void prefetch_row(const S* p, int64_t n) {
+  for (int64_t byte = 0; byte < n * int64_t(sizeof(S)); byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + byte);
+}
+
+// An IEEE half (its bits) as a float, exactly (subnormals, infinities and NaN included).
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: a normal float
+    int e = 113;
+    uint32_t m = man;
+    while (!(m & 1024)) { m <<= 1; --e; }
+    bits = sign | (uint32_t(e) << 23) | ((m & 1023) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 struct Problem {
   const float* x;       // [M, K]
   const uint8_t* q;     // [N, K] int8, or [N, K / 2] packed
-  const float* scale;   // [N, G]
-  const float* offset;  // [N, G] or null
+  const void* scale;    // [N, G], float32 or float16 (`half`)
+  const void* offset;   // [N, G] like scale, or null
   float* out;           // [M, N]
   int64_t m, n, k, groups, group;
   bool packed;
+  bool half;  // scale and offset are float16 (exactly the values they stand for)
 };
 
 struct Attend {
@@ -95,7 +118,7 @@ void attend_merge(const Attend& a) {
 
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
 using V = __m512;
 constexpr int L = 16;
@@ -106,6 +129,8 @@ inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
 inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+inline float value(float s) { return s; }
+inline float value(uint16_t h) { return _cvtsh_ss(h); }
 inline void storex(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V weights_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -126,7 +151,7 @@ inline void unpack32(const uint8_t* p, V* w) {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 using V = __m256;
 constexpr int L = 8;
@@ -137,6 +162,8 @@ inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
 inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline float value(float s) { return s; }
+inline float value(uint16_t h) { return _cvtsh_ss(h); }
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -178,6 +205,8 @@ inline V add(V a, V b) { return a + b; }
 inline V mul(V a, V b) { return a * b; }
 inline float hsum(V v) { return v; }
 inline void storex(float* p, V v) { *p = v; }
+inline float value(float s) { return s; }
+inline float value(uint16_t h) { return half_bits_to_float(h); }
 inline V weights_i8(const uint8_t* p) { return static_cast<float>(static_cast<int8_t>(*p)); }
 inline V weights_u4(const uint8_t* p, int64_t high) { return static_cast<float>(high ? *p >> 4 : *p & 15); }
 inline void unpack32(const uint8_t* p, V* w) {
@@ -208,7 +237,7 @@ Path pick() {
   if (isa == "portable") return {portable::rows_range, portable::attend_range, portable::dequant_range, "portable"};
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return {avx512::rows_range, avx512::attend_range, avx512::dequant_range, "avx512"};
@@ -257,8 +286,8 @@ void parallel(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::function
 // One layer of stacked blocks as a Problem (x and out filled in by the caller), or an error.
 // q, scale and offset hold every layer ([L, N, ...]); `layer_index` picks one, so that XLA passes
 // the stacked arrays as they are instead of copying one layer's slice out for each call.
-ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::Buffer<ffi::F32>& scale,
-                         ffi::Buffer<ffi::F32>& offset, ffi::Buffer<ffi::S32>& layer_index, int64_t k,
+ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::AnyBuffer& scale,
+                         ffi::AnyBuffer& offset, ffi::Buffer<ffi::S32>& layer_index, int64_t k,
                          Problem& prob) {
   const auto qd = q.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
   const std::string name(what);
@@ -277,10 +306,14 @@ ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::Buffer<ffi::F
   if (has_offset && (od[0] != layers || od[1] != n || od[2] != groups))
     return ffi::Error::InvalidArgument(name + ": offset must match scale");
   if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument(name + ": layer index out of range");
-  const int64_t row_bytes = packed ? k / 2 : k;
+  const bool half = scale.element_type() == ffi::F16;
+  if ((!half && scale.element_type() != ffi::F32) || offset.element_type() != scale.element_type())
+    return ffi::Error::InvalidArgument(name + ": scale and offset must both be float32 or both float16");
+  const int64_t row_bytes = packed ? k / 2 : k, at = layer * n * groups * (half ? 2 : 4);
   prob = Problem{nullptr, static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
-                 scale.typed_data() + layer * n * groups, has_offset ? offset.typed_data() + layer * n * groups : nullptr,
-                 nullptr, 0, n, k, groups, k / groups, packed};
+                 static_cast<const char*>(scale.untyped_data()) + at,
+                 has_offset ? static_cast<const char*>(offset.untyped_data()) + at : nullptr,
+                 nullptr, 0, n, k, groups, k / groups, packed, half};
   return ffi::Error::Success();
 }
 
@@ -292,7 +325,7 @@ int64_t rows_per_item(const Problem& p, ffi::ThreadPool& pool) {
 }
 
 ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                    ffi::AnyBuffer scale, ffi::AnyBuffer offset,
                     ffi::Buffer<ffi::S32> layer_index, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("gemv: x must be rank 2");
@@ -307,8 +340,8 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
 
 // One layer's W [N, K] in float32 (see dequant_body.inc), for products with many rows of x,
 // which XLA's matrix multiplication does best on a built matrix.
-ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                       ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer_index,
+ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer offset, ffi::Buffer<ffi::S32> layer_index,
                        ffi::ResultBuffer<ffi::F32> out) {
   Problem prob;
   if (auto e = layer_problem("dequant", q, scale, offset, layer_index, -1, prob); e.failure()) return e;
@@ -367,8 +400,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaGemv, GemvImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -376,8 +409,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaDequant, DequantImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
