@@ -135,16 +135,23 @@ def test_one_row_product_never_builds_the_float32_matrix(default_model):
         assert calls["jaxllama_attend"] == 1  # the attention, in the layer scan
     else:  # an accelerator: XLA's own fused products (the CPU kernels are never lowered there)
         assert calls["jaxllama_gemv"] == calls["jaxllama_attend"] == 0
+    many = kernels.MAX_ROWS + 32
     prompt = unfused(jax.jit(forward, static_argnames="config").lower(
-        m.params, jnp.zeros((1, 32), jnp.int32), m.config).compile().as_text())
+        m.params, jnp.zeros((1, many), jnp.int32), m.config).compile().as_text())
     if jax.default_backend() == "cpu":  # many rows: each layer's matrix built by the dequant kernel
         assert kernel_counts(prompt)["jaxllama_dequant"] >= 8  # 7 per layer + head
+        # a short prompt (up to MAX_ROWS rows) goes through the kernel: no layer matrix is built
+        short = unfused(jax.jit(forward_step, static_argnames=("config", "last_only")).lower(
+            m.params, jnp.zeros((1, kernels.MAX_ROWS), jnp.int32), cache, jnp.int32(0), jnp.zeros(1, jnp.int32),
+            m.config, last_only=True).compile().as_text())
+        assert kernel_counts(short)["jaxllama_gemv"] >= 8 and kernel_counts(short)["jaxllama_dequant"] == 0
+        assert not any(shape in short for shape in ("f32[576,576]", "f32[1536,576]", "f32[576,1536]"))
     # generation's prefill asks for each row's last logits only: B rows through the output matrix,
     # so the float32 vocabulary matrix is not built; for every position (the control) it is
     for last_only, built in ((True, False), (False, True)):
         text = unfused(jax.jit(forward_step, static_argnames=("config", "last_only")).lower(
-            m.params, jnp.zeros((1, 32), jnp.int32), cache, jnp.int32(0), jnp.zeros(1, jnp.int32), m.config,
-            last_only=last_only).compile().as_text())
+            m.params, jnp.zeros((1, many), jnp.int32), init_cache(m.config, 1, many), jnp.int32(0),
+            jnp.zeros(1, jnp.int32), m.config, last_only=last_only).compile().as_text())
         assert ("f32[49152,576]" in text) == built
     leaf = {k: v[0] for k, v in m.params["params"]["layers"]["ffn_up"].items()}  # [1536, 576], with offsets
     for rows, built in ((1, False), (2, True)):  # XLA's own form; the control: with two rows the matrix is built
