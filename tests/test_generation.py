@@ -89,6 +89,19 @@ def test_batch_rows_equal_single_rows_and_seeds_reproduce(tiny_factory):
     assert batch.settings["seed"] == [1, 2, 3] and batch.settings["sampler"]["repeat_penalty"] == 1.2
 
 
+def test_host_prng_keys_are_jax_keys():
+    """The generation state's keys, built on the host, are `jax.random.PRNGKey`'s, 64-bit mode too."""
+    from jaxllama.generation.loop import prng_key
+
+    seeds = [0, 1, 42, 2**31 - 1, 2**31, 2**32 + 5, 2**40 + 3, -1, -7]
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            for s in seeds:
+                want = np.asarray(jax.random.PRNGKey(s))
+                got = prng_key(s)
+                assert got.dtype == want.dtype and np.array_equal(got, want), (x64, s, got, want)
+
+
 def test_stream_yields_what_generate_returns(tiny_factory):
     m = jaxllama.load(tiny_factory(TinySpec(tied=False)))
     s = Sampler(temperature=0.8, top_p=0.9)

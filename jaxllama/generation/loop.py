@@ -138,6 +138,16 @@ def _compiled(name: str, fn, static: Static, *args):
     return _COMPILED[key]
 
 
+def prng_key(seed: int) -> np.ndarray:
+    """`jax.random.PRNGKey(seed)` computed on the host: threefry's key is the seed's high and low
+    32 bits (the high ones 0 without 64-bit mode). Each eager `PRNGKey` compiled a program of its
+    own (~2.5 MB resident and milliseconds per generation); other PRNG implementations use it."""
+    if jax.config.jax_default_prng_impl != "threefry2x32":
+        return np.asarray(jax.random.PRNGKey(seed))
+    high = (int(seed) >> 32) & 0xFFFFFFFF if jax.config.jax_enable_x64 else 0
+    return np.array([high, int(seed) & 0xFFFFFFFF], np.uint32)
+
+
 def _prepare(
     rows: Sequence[Sequence[int]], c: LlamaConfig, max_new: int, sampler: Sampler, seeds: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray, State]:
@@ -174,7 +184,7 @@ def _prepare(
     last, step, out, done, counts, window, fill = jax.device_put(
         (np.zeros(b, np.int32), np.int32(0), np.full((b, max_new), -1, np.int32), np.zeros(b, bool), counts, window, fill))
     state = State(cache=init_cache(c, b, p + max_new), last=last, step=step, out=out, done=done,
-                  keys=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]), counts=counts, window=window, fill=fill)
+                  keys=np.stack([prng_key(s) for s in seeds]), counts=counts, window=window, fill=fill)
     return tokens, pad, state
 
 
