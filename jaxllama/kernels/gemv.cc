@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -38,6 +39,7 @@ namespace {
 // machine's per-thread read bandwidth; 4-16 KiB measured alike (decode, 2-core Xeon).
 constexpr int64_t kAhead = 8192;
 constexpr int kMaxRows = 8;  // rows of x handled per pass over a row of W (which stays in L1)
+constexpr int64_t kHalfGroups = 64;  // float16 scales converted per row of W at a time
 constexpr int64_t kAttendChunk = 256;  // keys per work item of the decode attention
 constexpr int64_t kAttendAhead = 32;   // cache rows prefetched ahead (8 rows: 7.5 GB/s, 32: 9.3)
 
@@ -132,6 +134,11 @@ inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
 inline float value(float s) { return s; }
 inline float value(uint16_t h) { return _cvtsh_ss(h); }
 inline void storex(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
 inline V weights_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -164,6 +171,11 @@ inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline float value(float s) { return s; }
 inline float value(uint16_t h) { return _cvtsh_ss(h); }
+inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -207,6 +219,9 @@ inline float hsum(V v) { return v; }
 inline void storex(float* p, V v) { *p = v; }
 inline float value(float s) { return s; }
 inline float value(uint16_t h) { return half_bits_to_float(h); }
+inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = half_bits_to_float(h[i]);
+}
 inline V weights_i8(const uint8_t* p) { return static_cast<float>(static_cast<int8_t>(*p)); }
 inline V weights_u4(const uint8_t* p, int64_t high) { return static_cast<float>(high ? *p >> 4 : *p & 15); }
 inline void unpack32(const uint8_t* p, V* w) {
