@@ -29,8 +29,9 @@ def scales(rng, shape, half):
 """
 
 # Runs in a child so that JAXLLAMA_KERNEL_ISA is read when the library loads. For int8 and packed
-# q, groups of 16 and 32, with and without offsets, float32 and float16 scales, 1..16 rows (and
-# 17: the fallback) and a row count that no chunk size divides: the worst error against float64
+# q, groups of 16 and 32, with and without offsets, float32 and float16 scales (the latter also
+# over several of the kernel's segments of 64 groups), 1..32 rows (and 33: the fallback) and a
+# row count that no chunk size divides: the worst error against float64
 # numpy, relative to sum |x * w|.
 CHILD = textwrap.dedent("""
     import itertools, json, jax, jax.numpy as jnp, numpy as np
@@ -41,8 +42,8 @@ CHILD = textwrap.dedent("""
     worst = 0.0
 """) + SCALES + textwrap.dedent("""
     for packed, group, offset, half in itertools.product((False, True), (16, 32), (False, True), (False, True)):
-        for m in (1, 2, 3, 4, 5, 8, 16, 17):
-            n, k = 203, 576
+        for m, k in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 33), (576, 2304) if half else (576,)):
+            n = 203  # k 2304: 72 or 144 groups, more than one segment of float16 scales
             q = rng.integers(0 if packed else -128, 16 if packed else 128, (n, k)).astype(np.int8)
             leaf = {"q": jnp.asarray(q), "scale": jnp.asarray(scales(rng, (n, k // group), half))}
             if offset:
