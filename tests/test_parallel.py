@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import jax
 import numpy as np
 import pytest
@@ -142,8 +143,10 @@ def test_memory_matches_a_count_of_the_parameters():
         small = c.n_layer * 2 * d + d  # norms, float32
         assert memory_per_device(c, "float32", 1).weights == 4 * (matrices + small), name
         assert memory_per_device(c, "bfloat16", 1).weights == 2 * matrices + 4 * small, name
-        assert memory_per_device(c, "native-q8_0", 1).weights == matrices + 4 * matrices // 32 + 4 * small, name
-        assert memory_per_device(c, "native-q4_1", 1).weights == matrices // 2 + 8 * matrices // 32 + 4 * small, name
+        # native blocks take the GGUF file's bytes (float16 scales): Q8_0's 34 and Q4_1's 20 per 32 values
+        for layout, t in (("native-q8_0", gguf.GGMLQuantizationType.Q8_0), ("native-q4_1", gguf.GGMLQuantizationType.Q4_1)):
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            assert memory_per_device(c, layout, 1).weights == matrices // block * size + 4 * small, (name, layout)
         m = memory_per_device(c, "float32", 8)
         shapes = leaves(c, "float32")
         replicated = sum(math.prod(s) for p, (s, _) in shapes.items() if "norm" in p)

@@ -2,9 +2,9 @@
 the sharding table (`rules.py`), for the README's scaling note.
 
 Layouts: "float32", "bfloat16", and the native quantized layouts (`gguf/convert.py`):
-"native-q8_0" (one int8 per weight and a float32 scale per 32 values: Q5_0, Q8_0) and
-"native-q4_1" (two 4-bit values per byte, a float32 scale and offset per 32 values: Q4_0, Q4_1,
-Q4_K).
+"native-q8_0" (one int8 per weight and a float16 scale per 32 values: Q5_0, Q8_0) and
+"native-q4_1" (two 4-bit values per byte, a float16 scale and offset per 32 values: Q4_0, Q4_1;
+Q4_K files hold float32 ones, 2 bytes more per 32 values, where their scales are not float16 values).
 Norms and RoPE factors are float32 in every layout.
 """
 
@@ -68,9 +68,9 @@ def leaves(c: LlamaConfig, layout: str) -> dict[str, tuple[tuple[int, ...], int]
             if native:
                 block, offset, packed = native
                 out[f"{base}/q"] = ((*lead, shape[0], shape[1] // 2 if packed else shape[1]), 1)
-                out[f"{base}/scale"] = ((*lead, shape[0], shape[1] // block), 4)
+                out[f"{base}/scale"] = ((*lead, shape[0], shape[1] // block), 2)  # float16
                 if offset:
-                    out[f"{base}/offset"] = ((*lead, shape[0], shape[1] // block), 4)
+                    out[f"{base}/offset"] = ((*lead, shape[0], shape[1] // block), 2)
             else:  # float kernels are [in, out]; the embedding keeps [V, D]
                 dims = shape if path[-1] == "embedding" else shape[::-1]
                 out["/".join(path)] = ((*lead, *dims), width)
