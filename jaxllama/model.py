@@ -57,21 +57,25 @@ def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
     """`x [B, T, K]` (or `[..., K]`) `@ W.T` for a native leaf W `[N, K]` = scale * q (+ offset),
     in float32.
 
-    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. Up to
-    `kernels.MAX_ROWS` rows (decode steps, short prompts) it multiplies with `kernels.gemv`, which
-    on CPU reads the blocks in place and computes each row alike whatever the batch; more rows
-    (prompts, scoring) are XLA's matrix product with this layer's matrix in float32, built by
-    `kernels.dequant` (the values `native_values` gives, bit for bit). The two sum in other
-    orders, so a row's result moves by float32 rounding across that threshold.
+    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. A decode step (one
+    token per row, T = 1), and any product of a leaf marked `"rows_kernel"` (generation's prefill:
+    `forward_step`), multiplies up to `kernels.MAX_ROWS` rows with `kernels.gemv`, which on CPU
+    reads the blocks in place and computes each row alike whatever the batch; every other product
+    (prompts, scoring) is XLA's matrix product with this layer's matrix in float32, built by
+    `kernels.dequant` (the values `native_values` gives, bit for bit), so a scored result does not
+    depend on which product a batch size would pick.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k).astype(jnp.float32)
     layer = leaf.get("layer")
     blocks = {key: leaf[key] for key in NATIVE_KEYS if key in leaf}
+    step = len(lead) >= 2 and lead[-1] == 1
     if "sharded" in leaf:  # on a mesh (`rules.mark_sharded`), XLA's product partitions
         return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
-    if rows.shape[0] <= kernels.MAX_ROWS:
+    if (step or "rows_kernel" in leaf) and rows.shape[0] <= kernels.MAX_ROWS:
         return kernels.gemv(rows, blocks, layer, xla_native_dense).reshape(*lead, -1)
+    if rows.shape[0] == 1:  # XLA fuses the dequantization into a matrix-vector product
+        return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
     w = kernels.dequant(blocks, layer, native_values)  # exactly native_values(this layer), built fast
     return jnp.matmul(rows, w.T, precision=lax.Precision.HIGHEST).reshape(*lead, -1)
 
@@ -610,6 +614,8 @@ def forward_step(
         x, ck, cv = carry
         layer, slides = xs
         lp = layer_params(p["layers"], layer)
+        if on_one_device:  # a short prompt's products through the kernel too: no float32 matrices built
+            lp = {k: {**v, "rows_kernel": None} if isinstance(v, dict) and "q" in v else v for k, v in lp.items()}
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
         rot, layer_vis = choose_kind(slides, kinds, vis, c)
