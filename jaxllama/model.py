@@ -21,7 +21,7 @@ from .tracing.actquant import fake_quant, ggml_gelu, q8_1_sum_correction
 from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
 from . import kernels
-from .gguf.convert import NATIVE_KEYS, Params, is_native, is_packed, native_values
+from .gguf.convert import NATIVE_KEYS, Params, is_native, is_packed, mark_native, native_values
 from .tracing.probes import (
     ProbeSpec,
     capture_slots,
@@ -615,7 +615,7 @@ def forward_step(
         layer, slides = xs
         lp = layer_params(p["layers"], layer)
         if on_one_device:  # a short prompt's products through the kernel too: no float32 matrices built
-            lp = {k: {**v, "rows_kernel": None} if isinstance(v, dict) and "q" in v else v for k, v in lp.items()}
+            lp = mark_native(lp, "rows_kernel")
         seen: dict[str, jax.Array] = {}
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
         rot, layer_vis = choose_kind(slides, kinds, vis, c)

@@ -148,6 +148,15 @@ def is_native(leaf: Any) -> bool:
     return isinstance(leaf, dict) and "q" in leaf
 
 
+def mark_native(node: Any, marker: str) -> Any:
+    """`node` with `marker: None` added to each native leaf, at any depth: no array, but part of
+    the pytree's structure, so jit traces marked leaves apart (`model.native_dense` reads them)."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: mark_native(v, marker) for k, v in node.items()}
+    return {**out, marker: None} if is_native(node) else out
+
+
 def convert_params(params: Params, weights: str) -> Params:
     """`params` in layout `weights`: float layouts dequantize native leaves (exactly) and store
     every kernel and the embedding as that dtype (norms and biases stay float32); "native"

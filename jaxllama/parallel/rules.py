@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..gguf.config import LlamaConfig
-from ..gguf.convert import NATIVE_KEYS, Params
+from ..gguf.convert import NATIVE_KEYS, Params, mark_native
 from .mesh import check_model_split, mesh_sizes, native_block
 
 #: split by output columns: each shard computes whole heads (whole KV-head groups) or FFN columns
@@ -98,7 +98,4 @@ def mark_sharded(node: Any) -> Any:
     structure, so jit traces them apart): their products stay XLA's, which the partitioner can
     split, instead of the single-device CPU kernel (`model.native_dense`). `shard_params` marks
     the root too, for the decode step's attention (`model.forward_step`)."""
-    if not isinstance(node, dict):
-        return node
-    out = {k: mark_sharded(v) for k, v in node.items()}
-    return {**out, "sharded": None} if "q" in node else out
+    return mark_native(node, "sharded")
