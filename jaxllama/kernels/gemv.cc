@@ -254,7 +254,7 @@ Path pick() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c"))
     return {avx512::rows_range, avx512::attend_range, avx512::dequant_range, "avx512"};
   if (avx2) return {avx2::rows_range, avx2::attend_range, avx2::dequant_range, "avx2"};
 #endif
