@@ -32,14 +32,14 @@ def scales(rng, shape, half):
 # q, groups of 16 and 32, with and without offsets, float32 and float16 scales (the latter also
 # over several of the kernel's segments of 64 groups), 1..32 rows (and 33: the fallback) and a
 # row count that no chunk size divides: the worst error against float64
-# numpy, relative to sum |x * w|.
+# numpy, relative to sum |x * w|; and the last row computed alone, which must give the same bits.
 CHILD = textwrap.dedent("""
-    import itertools, json, jax, jax.numpy as jnp, numpy as np
+    import concurrent.futures, itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
     from jaxllama.gguf.convert import native_values, pack_nibbles
     from jaxllama.model import xla_native_dense
     rng = np.random.default_rng(0)
-    worst = 0.0
+    worst, batch_differs = 0.0, 0
 """) + SCALES + textwrap.dedent("""
     for packed, group, offset, half in itertools.product((False, True), (16, 32), (False, True), (False, True)):
         for m, k in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 33), (576, 2304) if half else (576,)):
@@ -56,7 +56,21 @@ CHILD = textwrap.dedent("""
             want = x.astype(np.float64) @ w.T
             size = np.abs(x.astype(np.float64)) @ np.abs(w).T  # the scale of a dot's rounding error
             worst = max(worst, float((np.abs(got - want) / size).max()))
-    print(json.dumps({"isa": kernels.isa(), "worst": worst}))
+            if m <= 32:  # a row's result does not depend on the rows beside it
+                alone = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x[-1:], leaf))
+                batch_differs += int((alone[0] != got[-1]).sum())
+    # Four Python threads running products at once (the kernel's helper threads take one job at a
+    # time): each result the same bits as alone.
+    x = rng.normal(size=(8, 576)).astype(np.float32)
+    leaf = {"q": jnp.asarray(rng.integers(-128, 128, (2000, 576)), jnp.int8),
+            "scale": jnp.asarray(scales(rng, (2000, 18), True))}
+    f = jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))
+    alone = [np.asarray(f(x[i:i + 1], leaf)) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: [np.asarray(f(x[i:i + 1], leaf)) for _ in range(50)], range(8)))
+    concurrent_differs = sum(int((r != alone[i]).sum()) for i, rs in enumerate(together) for r in rs)
+    print(json.dumps({"isa": kernels.isa(), "worst": worst, "batch_differs": batch_differs,
+                      "concurrent_differs": concurrent_differs}))
 """)
 
 
@@ -157,6 +171,8 @@ def test_every_kernel_path_matches_numpy(forced):
     # error / sum|x * w|: float32 rounding of a 576-term dot is ~sqrt(576) * 6e-8 at most typically
     # (measured 1e-7 vector paths, 3.5e-7 portable's one sequential sum); a wrong value is ~1
     assert got["worst"] < 1e-6
+    assert got["batch_differs"] == 0  # each row alike whatever its batch: same sum, same order
+    assert got["concurrent_differs"] == 0
 
 
 @pytest.mark.parametrize("forced", ["", "avx2", "portable"], ids=["cpu-default", "avx2", "portable"])

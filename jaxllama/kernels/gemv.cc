@@ -15,15 +15,22 @@
 // the CPU is asked at load time which to use, so one build runs on any x86-64 (and elsewhere).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
+
+#include <sched.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -39,8 +46,9 @@ namespace {
 // machine's per-thread read bandwidth; 4-16 KiB measured alike (decode, 2-core Xeon).
 constexpr int64_t kAhead = 8192;
 constexpr int kMaxRows = 8;  // rows of x handled per pass over a row of W (which stays in L1)
-constexpr int64_t kHalfGroups = 64;  // float16 scales converted per row of W at a time
+constexpr int64_t kSegment = 64;  // groups whose scales are read into float32 buffers at a time
 constexpr int64_t kAttendChunk = 256;  // keys per work item of the decode attention
+constexpr int64_t kSpinMicros = 200;  // how long idle helper threads stay awake (see Helpers)
 constexpr int64_t kAttendAhead = 32;   // cache rows prefetched ahead (8 rows: 7.5 GB/s, 32: 9.3)
 
 // Asks for the `n` values at p ahead of use (prefetches never fault, past the end included).
@@ -151,6 +159,15 @@ inline void unpack32(const uint8_t* p, V* w) {
   w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
   w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
+// The 32 weights s * q + o of a packed unit: the 16 values s * j + o (j = 0..15, one FMA each, as
+// for q = j) in one register, picked by each 4-bit value (vpermps reads an index's low 4 bits).
+inline void packed32(const uint8_t* p, float s, float o, V* w) {
+  const V table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  _mm512_set1_ps(s), _mm512_set1_ps(o));
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  w[0] = _mm512_permutexvar_ps(v, table);
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
 #include "gemv_body.inc"
 #include "attend_body.inc"
 #include "dequant_body.inc"
@@ -198,6 +215,10 @@ inline void unpack32(const uint8_t* p, V* w) {
   w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
   w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
+inline void packed32(const uint8_t* p, float s, float o, V* w) {
+  unpack32(p, w);
+  for (int j = 0; j < 4; ++j) w[j] = fma(w[j], broadcast(s), broadcast(o));
+}
 #include "gemv_body.inc"
 #include "attend_body.inc"
 #include "dequant_body.inc"
@@ -229,6 +250,10 @@ inline void unpack32(const uint8_t* p, V* w) {
     w[i] = static_cast<float>(p[i] & 15);
     w[i + 16] = static_cast<float>(p[i] >> 4);
   }
+}
+inline void packed32(const uint8_t* p, float s, float o, V* w) {
+  unpack32(p, w);
+  for (int j = 0; j < 32; ++j) w[j] = fma(w[j], s, o);
 }
 #include "gemv_body.inc"
 #include "attend_body.inc"
@@ -270,9 +295,8 @@ inline void relax() {
 }
 
 // One call's work, `items` split into chunks handed out through an atomic counter to the calling
-// thread and to tasks on XLA's intra-op pool. The caller takes chunks too, so a call finishes even
-// if no task ever runs; the state is shared, so a task that starts late finds nothing left.
-// (A pool of our own spinning threads was measured slower: it competes with XLA's threads.)
+// thread and to helper threads. The caller takes chunks too, so a call finishes even if no helper
+// ever runs; the state is shared, so a helper that starts late finds nothing left.
 struct Job {
   std::function<void(int64_t, int64_t)> range;  // does items [begin, end)
   int64_t items, chunk, chunks;
@@ -285,15 +309,107 @@ struct Job {
   }
 };
 
-void parallel(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::function<void(int64_t, int64_t)> range) {
+// Helper threads for the decode kernels (gemv, attend), which are called hundreds of times per
+// token for 5-60 microseconds each. A task on XLA's pool started too late to help: a sleeping
+// thread takes tens of microseconds to wake, so a 576 x 576 product ran as fast on two threads as
+// on one. These helpers stay awake, polling for the next job, for kSpinMicros after their last
+// one (yielding the core to any other runnable thread meanwhile), then sleep until woken.
+class Helpers {
+ public:
+  explicit Helpers(int64_t count) : pid_(getpid()) {
+    for (int64_t i = 0; i < count; ++i) std::thread([this] { loop(); }).detach();
+    count_ = count;
+  }
+  int64_t count() const { return count_; }
+  pid_t pid() const { return pid_; }
+  // Offers `job` to the helpers (a job offered while another caller's is running replaces it for
+  // helpers that have not started it: that caller finishes its own chunks).
+  void offer(const std::shared_ptr<Job>& job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      auto idle_since = std::chrono::steady_clock::now();
+      for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        relax();
+        if ((spins & 63) != 63) continue;
+        sched_yield();
+        if (std::chrono::steady_clock::now() - idle_since > std::chrono::microseconds(kSpinMicros)) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleeping_.fetch_add(1, std::memory_order_acq_rel);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = job_;
+        seen = generation_.load(std::memory_order_acquire);
+      }
+      if (job) job->work();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> sleeping_{0};
+  int64_t count_ = 0;
+  pid_t pid_;
+};
+
+// The process's helpers: one fewer than XLA's intra-op threads (the caller is the other), made on
+// first use and again in a forked child (which inherits no threads). Never destroyed: detached
+// threads may still poll it while the process exits.
+Helpers& helpers(int64_t threads) {
+  static std::mutex made;
+  static std::atomic<Helpers*> current{nullptr};
+  Helpers* h = current.load(std::memory_order_acquire);
+  if (h && h->pid() == getpid()) return *h;
+  std::lock_guard<std::mutex> lock(made);
+  h = current.load(std::memory_order_acquire);
+  if (!h || h->pid() != getpid()) {
+    h = new Helpers(std::max<int64_t>(0, threads - 1));
+    current.store(h, std::memory_order_release);
+  }
+  return *h;
+}
+
+std::shared_ptr<Job> make_job(int64_t items, int64_t chunk, std::function<void(int64_t, int64_t)> range) {
   auto job = std::make_shared<Job>();
   job->range = std::move(range);
   job->items = items;
   job->chunk = std::max<int64_t>(1, chunk);
   job->chunks = (items + job->chunk - 1) / job->chunk;
+  return job;
+}
+
+// Runs `range` over `items` on the calling thread and tasks of XLA's pool: for long calls between
+// XLA's own parallel work (the dequantization of a layer for a prompt's matrix product).
+void parallel(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::function<void(int64_t, int64_t)> range) {
+  auto job = make_job(items, chunk, std::move(range));
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t helpers = std::min(threads, job->chunks) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->work(); });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) relax();
+}
+
+// The same on the calling thread and the awake `Helpers`: for the short, frequent decode calls.
+void parallel_hot(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::function<void(int64_t, int64_t)> range) {
+  auto job = make_job(items, chunk, std::move(range));
+  Helpers& h = helpers(std::max<int64_t>(1, pool.num_threads()));
+  if (h.count() > 0 && job->chunks > 1) h.offer(job);
   job->work();
   while (job->done.load(std::memory_order_acquire) < job->chunks) relax();
 }
@@ -349,7 +465,7 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   prob.x = x.typed_data();
   prob.out = out->typed_data();
   prob.m = xd[0];
-  parallel(pool, prob.n, rows_per_item(prob, pool), [prob](int64_t n0, int64_t n1) { chosen.rows(prob, n0, n1); });
+  parallel_hot(pool, prob.n, rows_per_item(prob, pool), [prob](int64_t n0, int64_t n1) { chosen.rows(prob, n0, n1); });
   return ffi::Error::Success();
 }
 
@@ -390,7 +506,7 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   const Attend job{q.typed_data(), k.typed_data(), v.typed_data(), q_slot.typed_data(), key_ok.typed_data(),
                    out->typed_data(), layer, b, slots, heads, groups, d, window.typed_data()[0], scale,
                    kAttendChunk, chunks, top, sum, acc};
-  parallel(pool, b * chunks, 1, [job](int64_t t0, int64_t t1) { chosen.attend(job, t0, t1); });
+  parallel_hot(pool, b * chunks, 1, [job](int64_t t0, int64_t t1) { chosen.attend(job, t0, t1); });
   attend_merge(job);
   return ffi::Error::Success();
 }
