@@ -291,13 +291,16 @@ def stream(
         state = prefill(model.params, tokens, pad, state)
         tok = int(state.out[0, 0])
         t2 = time.perf_counter()
-        step = _compiled("step", _step, st, model.params, pad, state)
-        t3 = time.perf_counter()
-        t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=(t1 - t0) + (t3 - t2), decode_s=0.0, steps=0)
-        yield tok
+        t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=t1 - t0, decode_s=0.0, steps=0)
+        yield tok  # before the step is compiled: the first token shows as soon as the prompt ran
+        step = None
         for i in range(1, max_new_tokens):
             if bool(state.done[0]):
                 break
+            if step is None:
+                t3 = time.perf_counter()
+                step = _compiled("step", _step, st, model.params, pad, state)
+                t["compile_s"] += time.perf_counter() - t3
             a = time.perf_counter()
             state = step(model.params, pad, state)
             tok = int(state.out[0, i])

@@ -8,7 +8,8 @@ cache (XLA's form transposes key blocks and calls its matrix library for tiny pr
 that was a third of a decode step). One for prompts and scoring: `dequant`, one layer's matrix in
 float32 for XLA's matrix multiplication (XLA's own unpacking of 4-bit blocks ran at a fifth of the
 memory bandwidth: with it, native prefill took 1.65x the float32 layout's time). All share their
-work out among XLA's intra-op threads and are vectorized for the CPU they run on (AVX-512, AVX2,
+work out among as many threads as XLA's intra-op pool has (the decode kernels with helper threads
+that stay awake between calls, see gemv.cc) and are vectorized for the CPU they run on (AVX-512, AVX2,
 or portable C++, chosen when the library loads).
 
 The C++ source ships with the package and is compiled on the user's machine with the system C++

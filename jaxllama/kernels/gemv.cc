@@ -6,7 +6,7 @@
 // which is x @ W.T for W = scale * q + offset (per group of `group` values along K), computed in
 // float32 without ever building W in memory (each vector of W exists only in registers). q is int8 [N, K], or uint8 [N, K / 2] holding 4-bit values
 // packed as GGUF packs Q4 blocks: per 32 values, 16 bytes, low nibbles = values 0..15, high
-// nibbles = values 16..31. Rows of W are shared out among XLA's intra-op threads.
+// nibbles = values 16..31. Rows of W are shared out among threads (as many as XLA's intra-op pool).
 //
 // Also: one layer's W in float32 (`JaxllamaDequant`, dequant_body.inc) for products with many rows,
 // which XLA multiplies best on a built matrix; the same values as jaxllama's pure-JAX dequantization.
@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -317,8 +318,10 @@ struct Job {
 class Helpers {
  public:
   explicit Helpers(int64_t count) : pid_(getpid()) {
-    for (int64_t i = 0; i < count; ++i) std::thread([this] { loop(); }).detach();
-    count_ = count;
+    try {  // a process out of threads gets fewer helpers (callers then do more of the work)
+      for (; count_ < count; ++count_) std::thread([this] { loop(); }).detach();
+    } catch (const std::system_error&) {
+    }
   }
   int64_t count() const { return count_; }
   pid_t pid() const { return pid_; }

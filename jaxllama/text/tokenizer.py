@@ -304,16 +304,10 @@ class Tokenizer:
             bpe = models.BPE(vocab=vocab, merges=self._spm_merges(), unk_token=unk, byte_fallback=byte_ok)
             return HFTokenizer(bpe)
         assert self.pre is not None
-        merges, seen = [], set()
-        for m in self._merges:
-            i = m.find(" ", 1)
-            if i < 0:
-                continue
-            a, b = m[:i], m[i + 1 :]
-            if (a, b) in seen or a not in vocab or b not in vocab or a + b not in vocab:
-                continue  # llama.cpp keeps the first rank; a merge into a non-token cannot be represented
-            seen.add((a, b))
-            merges.append((a, b))
+        # llama.cpp keeps a repeated merge's first rank (dict.fromkeys: the first of equal lines);
+        # a merge into a non-token cannot be represented. Comprehensions: a loop took 0.16 s.
+        pairs = [(m[:i], m[i + 1:]) for m in dict.fromkeys(self._merges) for i in (m.find(" ", 1),) if i > 0]
+        merges = [(a, b) for a, b in pairs if a in vocab and b in vocab and a + b in vocab]
         bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=self.pre.ignore_merges)
         tok = HFTokenizer(bpe)
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in self.pre.regexes]
