@@ -271,9 +271,6 @@ def _stack_native(parts: list[tuple[jax.Array, jax.Array, jax.Array | None]], or
     return out
 
 
-HALF, EXACT = "@float16", "@exact"  # suffixes of `_convert`'s float16 twins of native scales and offsets
-
-
 @partial(jax.jit, static_argnames=("spec", "dtype", "native"))
 def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: bool) -> dict[str, jax.Array]:
     """Dequantize (or, with `native`, decompose into q/scale/offset), stack, transpose and cast
@@ -295,11 +292,6 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: 
                 stacked["q"] = pack_nibbles(stacked["q"])
             base = path.rsplit("/", 1)[0]
             out.update({f"{base}/{k}": v for k, v in stacked.items()})
-            for k in ("scale", "offset"):  # float16 twins, and whether they hold the same values
-                if k in stacked:
-                    half = stacked[k].astype(jnp.float16)
-                    out[f"{base}/{k}{HALF}"] = half
-                    out[f"{base}/{k}{EXACT}"] = jnp.all(half.astype(jnp.float32) == stacked[k])
             continue
         parts, order = [], []
         for (ggml_type, layers), raw in zip(groups, raws[path]):
@@ -344,15 +336,15 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, weights: str = "float32") -> P
 
 def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Native leaves' scale and offset as float16 where every one of them is a float16 value
-    (`_convert` made the float16 twins and checked that each converts back to itself), so nothing
-    changes but their size (GGUF's Q8_0 and Q4/Q5 scales are float16; the default model's blocks
-    shrink from 106.4 to 92.1 MiB, the GGUF's bytes). Drops the twins and checks either way."""
-    out = {k: v for k, v in flat.items() if not k.endswith((HALF, EXACT))}
-    exact = jax.device_get({k: v for k, v in flat.items() if k.endswith(EXACT)})
+    (checked: each converts back to itself), so nothing changes but their size (GGUF's Q8_0 and
+    Q4/Q5 scales are float16; the default model's blocks shrink from 106.4 to 92.1 MiB, the GGUF's bytes)."""
+    out = dict(flat)
     for base in [k[: -len("/q")] for k in flat if k.endswith("/q")]:
         keys = [f"{base}/{n}" for n in ("scale", "offset") if f"{base}/{n}" in flat]
-        if all(bool(exact[k + EXACT]) for k in keys):
-            out.update((k, flat[k + HALF]) for k in keys)
+        host = [np.asarray(flat[k]) for k in keys]
+        halves = [h.astype(np.float16) for h in host]
+        if all(np.array_equal(h.astype(np.float32), x) for h, x in zip(halves, host)):
+            out.update((k, jax.device_put(h, flat[k].sharding)) for k, h in zip(keys, halves))
     return out
 
 
