@@ -297,11 +297,11 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
 
-        vocab = self._engine_vocab
+        vocab = self._engine_vocab()  # not kept: ~3 MB that only the engine's construction needs
         if self.is_spm:
             byte_ok = all(f"<0x{b:02X}>" in vocab for b in range(256))
             unk = self.tokens[self.unk_id] if self.unk_id is not None and self.tokens[self.unk_id] in vocab else None
-            bpe = models.BPE(vocab=vocab, merges=self._spm_merges(), unk_token=unk, byte_fallback=byte_ok)
+            bpe = models.BPE(vocab=vocab, merges=self._spm_merges(vocab), unk_token=unk, byte_fallback=byte_ok)
             return HFTokenizer(bpe)
         assert self.pre is not None
         # llama.cpp keeps a repeated merge's first rank (dict.fromkeys: the first of equal lines);
@@ -316,17 +316,16 @@ class Tokenizer:
         )
         return tok
 
-    @cached_property
     def _engine_vocab(self) -> dict[str, int]:
         """The vocabulary the merging engine sees: entries of invalid UTF-8 are left out (the
         engine takes only valid text, and no valid input can produce them); they keep their
         ids and bytes for decoding."""
         return {t: i for t, i in self.token_to_id.items() if _is_valid_text(t)}
 
-    def _spm_merges(self) -> list[tuple[str, str]]:
+    def _spm_merges(self, vocab: dict[str, int]) -> list[tuple[str, str]]:
         """SentencePiece merges as BPE ranks: every split of a token into two tokens, ranked by
         the merged token's score (llama.cpp merges the highest-scoring pair first)."""
-        vocab, scores = self._engine_vocab, self.scores
+        scores = self.scores
         ranked: list[tuple[float, int, int, str, str]] = []
         for text, tid in vocab.items():
             for k in range(1, len(text)):
