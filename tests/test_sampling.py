@@ -96,6 +96,26 @@ def test_top_k_1_is_greedy():
     assert np.array_equal(np.asarray(greedy), logits.argmax(-1))
 
 
+def test_greedy_with_truncations_and_penalties_is_the_chains_argmax():
+    """Greedy skips the truncations (they keep the largest logit and its ties) but not the
+    penalties: the token is the lowest-id maximum of numpy's whole chain, ties included."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(200, 40)).astype(np.float32)
+    logits[::4, 7] = logits[::4, 3] = logits[::4].max(-1) + 1  # tied maxima: the lower id wins
+    counts = rng.integers(0, 3, size=logits.shape).astype(np.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(logits))
+    for kw in (dict(top_k=3, top_p=0.5, min_p=0.3), dict(top_k=40, repeat_penalty=1.5, presence_penalty=0.4,
+                                                         frequency_penalty=0.2)):
+        got = np.asarray(sample(jnp.asarray(logits), keys, Sampler(temperature=0.0, **kw), jnp.asarray(counts)))
+        pen = dict(rep=kw.get("repeat_penalty", 1.0), pres=kw.get("presence_penalty", 0.0),
+                   freq=kw.get("frequency_penalty", 0.0))
+        want = [int(np.argmax(expected(row, 1.0, kw.get("top_k", 0), kw.get("top_p", 1.0), kw.get("min_p", 0.0),
+                                       c if "repeat_penalty" in kw else None, **pen))) for row, c in zip(logits, counts)]
+        assert got.tolist() == want
+        if "repeat_penalty" not in kw:
+            assert got[0] == 3  # a tie resolved to the lower id
+
+
 def test_top_p_1_and_min_p_0_change_nothing():
     x = jnp.asarray(LOGITS)[None]
     base = np.asarray(filtered_logits(x, Sampler(temperature=0.7)))

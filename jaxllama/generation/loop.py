@@ -289,13 +289,13 @@ def stream(
         prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
         t1 = time.perf_counter()
         state = prefill(model.params, tokens, pad, state)
-        tok = int(state.out[0, 0])
+        tok = int(np.asarray(state.out)[0, 0])  # on the host: an eager `state.out[0, i]` compiles per i
         t2 = time.perf_counter()
         t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=t1 - t0, decode_s=0.0, steps=0)
         yield tok  # before the step is compiled: the first token shows as soon as the prompt ran
         step = None
         for i in range(1, max_new_tokens):
-            if bool(state.done[0]):
+            if bool(np.asarray(state.done)[0]):
                 break
             if step is None:
                 t3 = time.perf_counter()
@@ -303,7 +303,7 @@ def stream(
                 t["compile_s"] += time.perf_counter() - t3
             a = time.perf_counter()
             state = step(model.params, pad, state)
-            tok = int(state.out[0, i])
+            tok = int(np.asarray(state.out)[0, i])
             t["decode_s"] += time.perf_counter() - a
             t["steps"] += 1
             yield tok

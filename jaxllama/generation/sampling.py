@@ -118,7 +118,12 @@ def filtered_logits(logits: jax.Array, s: Sampler, counts: jax.Array | None = No
 
 def sample(logits: jax.Array, keys: jax.Array, s: Sampler, counts: jax.Array | None = None) -> jax.Array:
     """Draw one token per row: logits `[B, V]`, one PRNG key per row `[B]` -> ids `[B]` (int32)."""
+    if s.greedy:  # the truncations keep the largest logit and its ties: skip them (a vocabulary sort per step)
+        return jnp.argmax(filtered_logits(logits, Sampler(0.0, **_penalties(s)), counts), axis=-1).astype(jnp.int32)
     x = filtered_logits(logits, s, counts)
-    if s.greedy:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
     return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
+
+
+def _penalties(s: Sampler) -> dict:
+    """The penalty settings of `s` (the part of the chain that can change the greedy choice)."""
+    return {k: getattr(s, k) for k in ("repeat_penalty", "presence_penalty", "frequency_penalty", "penalty_last_n")}
