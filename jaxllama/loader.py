@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from . import runner
+from .gguf import converted
 from .gguf.config import LlamaConfig
 from .gguf.convert import Params, check_weights, is_native, params_from_gguf
 from .gguf.default_model import default_model_path, sha256_file
@@ -105,40 +106,50 @@ def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: s
     to bfloat16 (lossy). `dtype` is its older name. With `mesh` (a `jax.sharding.Mesh` with axes
     `("data", "model")`, see `parallel.make_mesh`) the parameters are placed on it by the table in
     `parallel/rules.py` (`vocab`: "split" or "replicated" embedding and output); batches then split
-    over "data". Raises a `JaxLlamaError` subclass with a
-    one-line message on bad input.
+    over "data". A native conversion is kept in the jaxllama cache and read back by later loads
+    of the same file (`gguf/converted.py`; `JAXLLAMA_CONVERTED_CACHE=0` turns that off). Raises a
+    `JaxLlamaError` subclass with a one-line message on bad input.
     """
     weights = check_weights(weights) if dtype is None else check_weights(dtype, "dtype")
     path = default_model_path() if model is None else Path(model)
     loaded = _load(path, weights, mesh, vocab)
-    jax.block_until_ready(loaded.params)  # the conversion's temporaries live until it has run
-    release_freed_memory()  # and _load's frame, with the file it mapped, is gone
+    jax.block_until_ready(loaded.params)
     return loaded
 
 
 def _load(path: Path, weights: str, mesh: Any, vocab: str) -> Model:
     if is_saved(path):
         s = load_saved(path, weights)
+        jax.block_until_ready(s.params)
+        release_freed_memory()  # the restored file's bytes and the conversion's temporaries
         return Model(s.config, _placed(s.params, s.config, mesh, vocab), s.metadata, s.source, s.source_sha256,
                      s.tensor_types, mesh=mesh)
     f = read_gguf(path)
     config = LlamaConfig.from_gguf(f)
-    params = params_from_gguf(f, config, weights)
+    entry = converted.entry_dir(path, weights, sum(t.nbytes for t in f.tensors.values()))
+    params = kept = converted.load(entry)
+    if kept is None:  # not converted before (or not kept: see gguf/converted.py)
+        params = jax.block_until_ready(params_from_gguf(f, config, weights))  # its temporaries live until it ran
+        converted.store(entry, params)
+    release_freed_memory(collect=kept is None)
     types = {name: t.type_name for name, t in f.tensors.items()}
     return Model(config, _placed(params, config, mesh, vocab), f.metadata, path, None, types, mesh=mesh)
 
 
-def release_freed_memory() -> None:
-    """Hand the conversion's freed temporaries back to the operating system.
+def release_freed_memory(collect: bool = True) -> None:
+    """Hand freed temporaries (a conversion's, the arrays a kept conversion was read into) back to
+    the operating system.
 
     glibc keeps freed heap memory for reuse, so a process that converted a model stayed ~120 MB
-    larger (the default model, native weights) than what it holds. `malloc_trim` returns it;
-    elsewhere (no glibc) this only collects garbage.
+    larger (the default model, native weights) than what it holds; one that read a kept
+    conversion, ~50 MB. `malloc_trim` returns it; elsewhere (no glibc) this only collects
+    garbage. `collect=False` skips the garbage collection (0.05 s), which a read has no need of.
     """
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -649,9 +649,14 @@ def check_slots(start: Any, t: int, s: int) -> None:
         raise InvalidInputError(f"start: cache slots {first}..{first + t - 1} are outside the cache's 0..{s - 1}")
 
 
+def cache_shape(config: LlamaConfig, batch: int, length: int) -> tuple[int, ...]:
+    """The shape of each of a KV cache's k and v: `[L, B, S, K, d]`."""
+    return (config.n_layer, batch, length, config.n_head_kv, config.head_dim)
+
+
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     """An empty KV cache for `batch` rows of `length` slots (float32, like llama.cpp's F32 cache)."""
-    shape = (config.n_layer, batch, length, config.n_head_kv, config.head_dim)
+    shape = cache_shape(config, batch, length)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

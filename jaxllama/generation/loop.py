@@ -23,7 +23,7 @@ import numpy as np
 
 from ..gguf.config import LlamaConfig
 from ..errors import InvalidInputError
-from ..model import Params, forward_step, init_cache
+from ..model import Params, cache_shape, forward_step
 from ..parallel.placement import padded_rows, put_rows, put_state, shardings_of
 from ..tracing.probes import ProbeSpec
 from ..tracing.recorder import active_recorder
@@ -181,9 +181,11 @@ def _prepare(
             fill[i] += 1
     # built on the host and moved in one transfer: each eager jnp op here compiled a program of
     # its own (~2 MB resident and ~10 ms each in a fresh process)
-    last, step, out, done, counts, window, fill = jax.device_put(
-        (np.zeros(b, np.int32), np.int32(0), np.full((b, max_new), -1, np.int32), np.zeros(b, bool), counts, window, fill))
-    state = State(cache=init_cache(c, b, p + max_new), last=last, step=step, out=out, done=done,
+    shape = cache_shape(c, b, p + max_new)  # the KV cache, init_cache's zeros built here (k and v apart)
+    cache, last, step, out, done, counts, window, fill = jax.device_put(
+        ({"k": np.zeros(shape, np.float32), "v": np.zeros(shape, np.float32)}, np.zeros(b, np.int32), np.int32(0), np.full((b, max_new), -1, np.int32),
+         np.zeros(b, bool), counts, window, fill))
+    state = State(cache=cache, last=last, step=step, out=out, done=done,
                   keys=np.stack([prng_key(s) for s in seeds]), counts=counts, window=window, fill=fill)
     return tokens, pad, state
 

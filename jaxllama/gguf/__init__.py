@@ -6,6 +6,7 @@ conversion, saved parameter files and the default model.
     config.py         LlamaConfig, the frozen hyper-parameters read from the metadata
     convert.py        GGUF tensors -> the Flax pytree (layout documented there)
     saved.py          save a converted pytree to msgpack, load it back
+    converted.py      conversions kept in the jaxllama cache, read back by later loads
     default_model.py  fetch and hash-check the default SmolLM2-135M GGUF
 """
 
