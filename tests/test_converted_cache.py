@@ -82,9 +82,14 @@ def test_a_damaged_entry_is_converted_again(cache, tiny_factory):
     victim.write_bytes(victim.read_bytes()[:-8])  # a truncated array
     _same_bits(_leaves(jaxllama.load(path)), want)
     assert len(cache) == 2
+    _same_bits(_leaves(jaxllama.load(path)), want)  # the entry was written again
+    assert len(cache) == 2
+    (entry / converted.MANIFEST).write_text('{"format": 1, "arrays": [{"key": "x", "file": "../../model.gguf"}]}')
+    _same_bits(_leaves(jaxllama.load(path)), want)  # reads only its own files
+    assert len(cache) == 3
     (entry / converted.MANIFEST).write_text("{not json")
     _same_bits(_leaves(jaxllama.load(path)), want)
-    assert len(cache) == 3
+    assert len(cache) == 4
 
 
 def test_switched_off_and_small_files_are_not_kept(cache, tiny_factory, monkeypatch):

@@ -331,7 +331,7 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, weights: str = "float32") -> P
     keyed = {"/".join(p): v for p, v in raws.items()}
     spec_keyed = tuple(("/".join(p), k, g) for p, k, g in spec)
     flat = _convert(keyed, spec_keyed, target, layout == "native")
-    return _unflatten_paths(half_scales(flat))
+    return unflatten_paths(half_scales(flat))
 
 
 def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -348,8 +348,8 @@ def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def _unflatten_paths(tree: dict[str, jax.Array]) -> Params:
-    """Turn `_convert`'s '/'-joined keys back into nested dicts under "params"."""
+def unflatten_paths(tree: dict[str, jax.Array]) -> Params:
+    """Turn '/'-joined keys (`_convert`'s, a kept conversion's) back into nested dicts under "params"."""
     out: Params = {}
     for key, value in tree.items():
         node = out

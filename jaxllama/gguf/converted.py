@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .convert import Params
+from .convert import Params, unflatten_paths
 
 MIN_BYTES = 16 * 2**20  # tensor bytes from which a file's conversion is kept
 LAYOUTS = ("native",)  # layouts kept
@@ -72,17 +73,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _unflatten(flat: dict[str, Any]) -> Params:
-    out: Params = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def load(entry: Path | None) -> Params | None:
     """The parameters kept in `entry` (on the default device), or None if there are none or they
     cannot be read back exactly as written (sizes checked against the manifest)."""
@@ -95,18 +85,21 @@ def load(entry: Path | None) -> Params | None:
             if item["file"] is None:
                 flat[item["key"]] = None
                 continue
+            if not re.fullmatch(r"\d+\.npy", item["file"]):  # only the entry's own files are read
+                return None
             arr = np.load(entry / item["file"], allow_pickle=False)
             if arr.dtype.str != item["dtype"] or list(arr.shape) != item["shape"]:
                 return None
             flat[item["key"]] = jax.device_put(arr)
-        return jax.block_until_ready(_unflatten(flat))  # the copies done: the arrays read can be freed
+        return jax.block_until_ready(unflatten_paths(flat))  # the copies done: the arrays read can be freed
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def store(entry: Path | None, params: Params) -> None:
-    """Keep `params` in `entry` (best effort: a read-only or full disk only skips it). Written to a
-    temporary directory first and renamed, so a reader never sees a partial entry."""
+    """Keep `params` in `entry` (best effort: a read-only or full disk only skips it), replacing a
+    damaged one. Written to a temporary directory first and renamed, so a reader never sees a
+    partial entry."""
     if entry is None:
         return
     tmp = None
@@ -114,7 +107,7 @@ def store(entry: Path | None, params: Params) -> None:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=entry.parent))
         arrays = []
-        for i, (key, value) in enumerate(_flatten(params).items()):
+        for i, (key, value) in enumerate(_flatten(params["params"]).items()):
             if value is None:
                 arrays.append({"key": key, "file": None})
                 continue
@@ -122,7 +115,8 @@ def store(entry: Path | None, params: Params) -> None:
             np.save(tmp / f"{i}.npy", arr, allow_pickle=False)
             arrays.append({"key": key, "file": f"{i}.npy", "dtype": arr.dtype.str, "shape": list(arr.shape)})
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "arrays": arrays}))
-        os.replace(tmp, entry)  # fails if another process kept it first: theirs stays
+        shutil.rmtree(entry, ignore_errors=True)  # a damaged entry (`load` could not read it) is replaced
+        os.replace(tmp, entry)  # fails if another process kept it meanwhile: theirs stays
         tmp = None
     except OSError:
         pass
