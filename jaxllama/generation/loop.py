@@ -183,8 +183,8 @@ def _prepare(
     # its own (~2 MB resident and ~10 ms each in a fresh process)
     shape = cache_shape(c, b, p + max_new)  # the KV cache, init_cache's zeros built here (k and v apart)
     cache, last, step, out, done, counts, window, fill = jax.device_put(
-        ({"k": np.zeros(shape, np.float32), "v": np.zeros(shape, np.float32)}, np.zeros(b, np.int32), np.int32(0), np.full((b, max_new), -1, np.int32),
-         np.zeros(b, bool), counts, window, fill))
+        ({"k": np.zeros(shape, np.float32), "v": np.zeros(shape, np.float32)}, np.zeros(b, np.int32), np.int32(0),
+         np.full((b, max_new), -1, np.int32), np.zeros(b, bool), counts, window, fill))
     state = State(cache=cache, last=last, step=step, out=out, done=done,
                   keys=np.stack([prng_key(s) for s in seeds]), counts=counts, window=window, fill=fill)
     return tokens, pad, state
@@ -291,7 +291,9 @@ def stream(
         prefill = _compiled("prefill", _prefill, st, model.params, tokens, pad, state)
         t1 = time.perf_counter()
         state = prefill(model.params, tokens, pad, state)
-        tok = int(np.asarray(state.out)[0, 0])  # on the host: an eager `state.out[0, i]` compiles per i
+        # read on the host: an eager `state.out[0, i]` compiles an indexing program first (~50 ms in a
+        # fresh process, before the first token) and dispatches it each step
+        tok = int(np.asarray(state.out)[0, 0])
         t2 = time.perf_counter()
         t.update(prompt_tokens=len(row), prefill_s=t2 - t1, compile_s=t1 - t0, decode_s=0.0, steps=0)
         yield tok  # before the step is compiled: the first token shows as soon as the prompt ran

@@ -17,7 +17,7 @@ negative one multiplied, then `c * frequency_penalty + presence_penalty` is subt
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +119,7 @@ def filtered_logits(logits: jax.Array, s: Sampler, counts: jax.Array | None = No
 def sample(logits: jax.Array, keys: jax.Array, s: Sampler, counts: jax.Array | None = None) -> jax.Array:
     """Draw one token per row: logits `[B, V]`, one PRNG key per row `[B]` -> ids `[B]` (int32)."""
     if s.greedy:  # the truncations keep the largest logit and its ties: skip them (a vocabulary sort per step)
-        return jnp.argmax(filtered_logits(logits, Sampler(0.0, **_penalties(s)), counts), axis=-1).astype(jnp.int32)
+        penalties_only = replace(s, top_k=0, top_p=1.0, min_p=0.0)
+        return jnp.argmax(filtered_logits(logits, penalties_only, counts), axis=-1).astype(jnp.int32)
     x = filtered_logits(logits, s, counts)
     return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
-
-
-def _penalties(s: Sampler) -> dict:
-    """The penalty settings of `s` (the part of the chain that can change the greedy choice)."""
-    return {k: getattr(s, k) for k in ("repeat_penalty", "presence_penalty", "frequency_penalty", "penalty_last_n")}
