@@ -401,7 +401,7 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", metavar="PATH", help="GGUF file (default: the default model)")
+    ap.add_argument("--model", metavar="PATH|NAME", help="GGUF file or known model name (default: the default model)")
     ap.add_argument("--repeats", type=int, default=5, help="runs per measurement; medians are reported (5)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for llama.cpp (all cores)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode measurement (64)")
@@ -426,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="native", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    from .gguf.default_model import default_model_path
+    from .gguf.default_model import resolve_model
 
-    path = Path(args.model) if args.model else default_model_path()
+    path = resolve_model(args.model)
     if args.child:
         _child_main(args.child, args.weights, path)
         return 0

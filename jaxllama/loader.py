@@ -22,7 +22,7 @@ from . import runner
 from .gguf import converted
 from .gguf.config import LlamaConfig
 from .gguf.convert import Params, check_weights, is_native, params_from_gguf
-from .gguf.default_model import default_model_path, sha256_file
+from .gguf.default_model import resolve_model, sha256_file
 from .gguf.reader import read_gguf
 from .gguf.saved import is_saved, load_saved, save_params
 from .text.tokenizer import Tokenizer
@@ -111,7 +111,7 @@ def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: s
     `JaxLlamaError` subclass with a one-line message on bad input.
     """
     weights = check_weights(weights) if dtype is None else check_weights(dtype, "dtype")
-    path = default_model_path() if model is None else Path(model)
+    path = resolve_model(model)
     loaded = _load(path, weights, mesh, vocab)
     jax.block_until_ready(loaded.params)
     return loaded
@@ -145,15 +145,13 @@ def release_freed_memory(collect: bool = True) -> None:
     conversion, ~50 MB. `malloc_trim` returns it; elsewhere (no glibc) this only collects
     garbage. `collect=False` skips the garbage collection (0.05 s), which a read has no need of.
     """
-    import ctypes
     import gc
+
+    from .gguf.convert import trim_heap
 
     if collect:
         gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def _placed(params: Params, config: LlamaConfig, mesh: Any, vocab: str) -> Params:

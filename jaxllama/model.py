@@ -76,8 +76,40 @@ def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
         return kernels.gemv(rows, blocks, layer, xla_native_dense).reshape(*lead, -1)
     if rows.shape[0] == 1:  # XLA fuses the dequantization into a matrix-vector product
         return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
-    w = kernels.dequant(blocks, layer, native_values)  # exactly native_values(this layer), built fast
-    return jnp.matmul(rows, w.T, precision=lax.Precision.HIGHEST).reshape(*lead, -1)
+    return dequant_dense(rows, blocks, layer).reshape(*lead, -1)
+
+
+DEQUANT_BYTES = 64 << 20  # the most float32 bytes of one matrix a many-row product builds at once
+
+
+def dequant_dense(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> jax.Array:
+    """`rows [M, K] @ W.T` for (layer `layer` of) native blocks W `[N, K]`: W in float32 through
+    `kernels.dequant` (exactly `native_values`), then XLA's product.
+
+    A matrix over `DEQUANT_BYTES` in float32 (a 152k-vocabulary output matrix is 545 MB at width
+    896, Llama 3 8B's 2.1 GB) is built and multiplied a slice of output rows at a time, one slice
+    after the other (`lax.map`), so memory stays bounded whatever the vocabulary. Each output is
+    the same dot product either way; only XLA's blocking of the product may differ.
+    """
+    n, k = blocks["q"].shape[-2], rows.shape[-1]
+    per = max(256, DEQUANT_BYTES // (4 * k) // 256 * 256)  # whole 256-row slices
+    if n <= per:
+        w = kernels.dequant(blocks, layer, native_values)
+        return jnp.matmul(rows, w.T, precision=lax.Precision.HIGHEST)
+    count = -(-n // per)
+    starts = jnp.minimum(jnp.arange(count) * per, n - per)  # the last slice ends at n (overlapping)
+
+    def one(start: jax.Array) -> jax.Array:
+        if layer is None:
+            piece = {key: lax.dynamic_slice_in_dim(v, start, per, axis=0) for key, v in blocks.items()}
+        else:
+            piece = {key: lax.dynamic_slice(v, (layer, start, 0), (1, per, v.shape[-1]))[0] for key, v in blocks.items()}
+        w = kernels.dequant(piece, None, native_values)
+        return jnp.matmul(rows, w.T, precision=lax.Precision.HIGHEST)
+
+    out = lax.map(one, starts)  # [count, M, per]
+    head = jnp.moveaxis(out[:-1], 0, 1).reshape(rows.shape[0], (count - 1) * per)
+    return jnp.concatenate([head, out[-1][:, per - (n - (count - 1) * per):]], axis=-1)
 
 
 def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:

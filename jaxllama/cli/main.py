@@ -27,7 +27,8 @@ from ..tracing.probes import ALL_PROBES
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
+    p.add_argument("--model", metavar="PATH|NAME", help="GGUF file, or a known model fetched once: smollm2-135m "
+                   "(the default, SmolLM2-135M-Instruct Q4_1), qwen2.5-0.5b, gemma3-270m")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,9 +166,9 @@ def parse_token_list(text: str, what: str = "--tokens") -> list[int]:
 
 
 def _model_path(arg: str | None) -> Path:
-    from ..gguf.default_model import default_model_path
+    from ..gguf.default_model import resolve_model
 
-    return default_model_path() if arg is None else Path(arg)
+    return resolve_model(arg)
 
 
 def summarize(path: Path) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from typing import Any, Callable
 from ..errors import InvalidInputError
 
 DTYPES = ["float32", "native", "bfloat16"]
-SCORING_HELP = ("weight layout: float32 (default: measured faster for scoring), native (GGUF blocks kept: the "
-                "same values in a quarter to a sixth of the memory), bfloat16 (lossy)")
+SCORING_HELP = ("weight layout: native (default: GGUF blocks kept, memory that follows the file's size; the same "
+                "values as float32, which scores about as fast at four to six times the memory), float32, "
+                "bfloat16 (lossy)")
 
 
 def add_mesh_arg(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def add_score_parsers(sub: Any, model_arg: Callable[[argparse.ArgumentParser], N
     pp = sub.add_parser("perplexity", help="perplexity of a text file, exactly as llama-perplexity computes it")
     model_arg(pp)
     _common(pp)
-    pp.add_argument("--weights", "--dtype", dest="dtype", default="float32", choices=DTYPES, help=SCORING_HELP)
+    pp.add_argument("--weights", "--dtype", dest="dtype", default="native", choices=DTYPES, help=SCORING_HELP)
     pp.add_argument("--act-quant", action="store_true", help="emulate llama.cpp's activation quantization")
     pp.add_argument("--llamacpp", action="store_true",
                     help="compute it with llama.cpp instead (F32 KV cache, flash attention off), for comparison")
@@ -80,10 +81,10 @@ def add_score_parsers(sub: Any, model_arg: Callable[[argparse.ArgumentParser], N
     kl.add_argument("--base", metavar="PATH", help="GGUF of the base run (default: the --model file)")
     model_arg(kl)
     _common(kl)
-    kl.add_argument("--weights", "--dtype", dest="dtype", default="float32", choices=DTYPES,
+    kl.add_argument("--weights", "--dtype", dest="dtype", default="native", choices=DTYPES,
                     help="model run's " + SCORING_HELP)
-    kl.add_argument("--base-weights", "--base-dtype", dest="base_dtype", default="float32", choices=DTYPES,
-                    help="base run's weight layout (float32)")
+    kl.add_argument("--base-weights", "--base-dtype", dest="base_dtype", default="native", choices=DTYPES,
+                    help="base run's weight layout (native)")
     kl.add_argument("--act-quant", action="store_true", help="model run: emulate llama.cpp's activation quantization")
     kl.add_argument("--base-act-quant", action="store_true", help="base run: emulate llama.cpp's activation quantization")
     src = kl.add_mutually_exclusive_group()
@@ -141,11 +142,11 @@ def _check_positive(args: argparse.Namespace) -> None:
 
 
 def _gguf_path(arg: str | None, what: str) -> Path:
-    from ..gguf.default_model import default_model_path
+    from ..gguf.default_model import resolve_model
 
     if arg is None:
-        return default_model_path()
-    p = Path(arg)
+        return resolve_model(None)
+    p = resolve_model(arg)
     if not p.is_file():
         raise InvalidInputError(f"{what}: {p}: no such file")
     return p

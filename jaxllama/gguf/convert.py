@@ -315,23 +315,65 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, weights: str = "float32") -> P
     for name, (_, path) in tensor_table(c).items():
         by_path.setdefault(path, []).append(name)  # per-layer names arrive in layer order
 
-    spec, raws = [], {}
-    for path, names in by_path.items():
+    # One leaf at a time, small ones together: only one large leaf's raw bytes (read from the
+    # memory-mapped file) and temporaries exist next to the converted leaves, so a load's peak
+    # memory is the converted model plus about one leaf, not twice the file.
+    flat: dict[str, jax.Array] = {}
+    spec, raws, pending = [], {}, 0
+    for n, (path, names) in enumerate(by_path.items()):
         decoded = [_raw(f, name) for name in names]
-        if path[0] != "layers":
-            spec.append((path, path[-1], ((decoded[0][1], (0,)),)))
-            raws[path] = [decoded[0][0]]
-            continue
-        by_type: dict[GGMLQuantizationType, list[int]] = {}
-        for i, (_, t) in enumerate(decoded):
-            by_type.setdefault(t, []).append(i)
-        spec.append((path, path[-1], tuple((t, tuple(idx)) for t, idx in by_type.items())))
-        raws[path] = [np.stack([decoded[i][0] for i in idx]) for idx in by_type.values()]
-    # jit needs string keys in pytrees: key the inputs by the joined path.
-    keyed = {"/".join(p): v for p, v in raws.items()}
-    spec_keyed = tuple(("/".join(p), k, g) for p, k, g in spec)
-    flat = _convert(keyed, spec_keyed, target, layout == "native")
-    return unflatten_paths(half_scales(flat))
+        key = "/".join(path)  # jit needs string keys in pytrees: key the inputs by the joined path
+        if path[0] != "layers" and decoded[0][0].nbytes > CONVERT_BYTES * 4:  # an embedding, an output matrix
+            flat.update(half_scales(_convert_rows(key, path[-1], *decoded[0], target, layout == "native")))
+            f.release_pages()
+            trim_heap()
+        elif path[0] != "layers":
+            spec.append((key, path[-1], ((decoded[0][1], (0,)),)))
+            raws[key] = [decoded[0][0]]
+        else:
+            by_type: dict[GGMLQuantizationType, list[int]] = {}
+            for i, (_, t) in enumerate(decoded):
+                by_type.setdefault(t, []).append(i)
+            spec.append((key, path[-1], tuple((t, tuple(idx)) for t, idx in by_type.items())))
+            raws[key] = [np.stack([decoded[i][0] for i in idx]) for idx in by_type.values()]
+        pending += sum(r.nbytes for r in raws.get(key, []))
+        if spec and (pending >= CONVERT_BYTES or n == len(by_path) - 1):
+            flat.update(half_scales(_convert(raws, tuple(spec), target, layout == "native")))
+            spec, raws, pending = [], {}, 0
+            jax.block_until_ready(flat)
+            f.release_pages()
+            trim_heap()
+    return unflatten_paths(flat)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the operating system (glibc keeps it for reuse otherwise:
+    a conversion's temporaries would stay resident); nothing where the C library has no `malloc_trim`."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+CONVERT_BYTES = 8 << 20  # leaves converted by one program: at least this many raw bytes (fewer compilations)
+
+
+def _convert_rows(key: str, kind: str, raw: np.ndarray, ggml_type: GGMLQuantizationType, dtype: Any,
+                  native: bool) -> dict[str, jax.Array]:
+    """`_convert` of one large 2-D tensor (a 152k-row embedding), `CONVERT_BYTES` of its rows at a
+    time, assembled on the host: the conversion's temporaries stay those of one slice."""
+    rows = max(1, CONVERT_BYTES // raw[0].nbytes)
+    parts: dict[str, list[np.ndarray]] = {}
+    for r0 in range(0, raw.shape[0], rows):
+        out = _convert({key: [raw[r0: r0 + rows]]}, ((key, kind, ((ggml_type, (0,)),)),), dtype, native)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+        del out
+    if kind == "kernel" and not native:  # a float kernel is [in, out]: its slices are columns
+        return {k: jnp.asarray(np.concatenate(v, axis=-1)) for k, v in parts.items()}
+    return {k: jnp.asarray(np.concatenate(v)) for k, v in parts.items()}
 
 
 def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:

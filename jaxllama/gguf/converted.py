@@ -90,8 +90,9 @@ def load(entry: Path | None) -> Params | None:
             arr = np.load(entry / item["file"], allow_pickle=False)
             if arr.dtype.str != item["dtype"] or list(arr.shape) != item["shape"]:
                 return None
-            flat[item["key"]] = jax.device_put(arr)
-        return jax.block_until_ready(unflatten_paths(flat))  # the copies done: the arrays read can be freed
+            flat[item["key"]] = jax.block_until_ready(jax.device_put(arr))  # copied: `arr` can go now
+            del arr  # one array read at a time: the peak is the parameters plus their largest array
+        return unflatten_paths(flat)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -10,6 +10,7 @@ gives one `GGUFFormatError` naming the file, the offset and what was being read.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -72,6 +73,14 @@ class GGUFFile:
         row_bytes = info.shape[-1] // block * type_size
         flat = self.data[info.offset : info.offset + info.nbytes]
         return flat.reshape(*info.shape[:-1], row_bytes)
+
+    def release_pages(self) -> None:
+        """Drop the pages of the mapped file this process has read from its resident memory
+        (`madvise(MADV_DONTNEED)`; they stay in the page cache and are read again on use), so a
+        conversion's peak memory does not also hold the whole file."""
+        mapping = getattr(self.data, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     @property
     def architecture(self) -> str | None:

@@ -4,7 +4,8 @@ at a time, and only the numbers scoring needs sent back to the host.
 `score_rows` returns, at chosen positions `at [B, N]`, the log-probability of a target token, whether
 the target is the argmax, optionally the top-k alternatives and optionally the whole log-softmax
 (kept on the device, for KL). `kl_rows` compares a model's log-softmax with given base log-probs
-position by position. Neither ever holds more than `HEAD_ROWS` rows of `[vocab]` logits at once.
+position by position. Neither ever holds more than `HEAD_ROWS * HEAD_VOCAB` logits at once
+(96 MiB), whatever the vocabulary.
 
 Programs are compiled ahead of time per (settings, shapes) and cached; `compilations()` counts them.
 """
@@ -23,14 +24,16 @@ from ..gguf.config import LlamaConfig
 from ..gguf.convert import Params
 from ..model import forward_hidden, head
 
-HEAD_ROWS = 512  # (row, position) pairs per block of the output layer: bounds the [rows, vocab] logits
+HEAD_ROWS = 512  # (row, position) pairs per block of the output layer at a vocabulary of HEAD_VOCAB
+HEAD_VOCAB = 49152  # larger vocabularies get proportionally fewer rows: a block's logits stay <= 96 MiB
 
 
 def _head_blocks(params: Params, x: jax.Array, c: LlamaConfig, aq: tuple, fn: Callable, *extra: jax.Array) -> Any:
     """Apply the output layer to x `[B, N, D]` in blocks of positions and reduce each block with
     `fn(logits [B, n, V], *extra_blocks)`; outputs are stitched back to `[B, N, ...]`."""
     b, n = x.shape[:2]
-    step = max(1, min(n, HEAD_ROWS // b))
+    rows = max(1, HEAD_ROWS * HEAD_VOCAB // c.vocab_size)
+    step = max(1, min(n, rows // b))
     nb = -(-n // step)
     pad = nb * step - n
 
