@@ -241,7 +241,32 @@ def bench_memory(path: Path) -> dict[str, Any]:
     out["llama_cpp_peak_over_baseline_mb"] = round(theirs["peak_rss_mb"] - theirs["baseline_rss_mb"], 1)
     key = "native_decode_phase_over_baseline_mb" if "native_decode_phase_over_baseline_mb" in out else "native_peak_over_baseline_mb"
     out["native_decode_over_baseline_per_gguf"] = round(out[key] / out["gguf_mb"], 2)
+    # over the GGUF's size, each a fresh process's peak over its own baseline (file pages included)
+    gguf, base = out["gguf_mb"], out["baseline_rss_mb"]
+    load = out["native_decode"]["load_peak_rss_mb"]
+    ours_score = _child_rss(path, "score", "native", "all")
+    theirs_score = _child_rss(path, "llama_cpp_score", "native", "all")
+    out["scoring"] = {"ctx": ours_score["ctx"], "ours": ours_score, "llama_cpp": theirs_score}
+    out["over_gguf"] = {
+        "load_peak": round((load - base) / gguf, 2),
+        "decode_peak": round(out["native_peak_over_baseline_mb"] / gguf, 2),
+        "scoring_peak": round((ours_score["peak_rss_mb"] - base) / gguf, 2),
+        "llama_cpp_decode_peak": round(out["llama_cpp_peak_over_baseline_mb"] / gguf, 2),
+        "llama_cpp_scoring_peak": round((theirs_score["peak_rss_mb"] - theirs_score["baseline_rss_mb"]) / gguf, 2),
+    }
     return out
+
+
+SCORE_TEXT = "/usr/share/common-licenses/GPL-3"
+
+
+def _score_text(n_tokens: int, tokenize: Callable[[str], list[int]]) -> list[int]:
+    """`n_tokens` ids of the GPL text (repeated as often as it takes), for the memory section's scoring."""
+    text = Path(SCORE_TEXT).read_text() if Path(SCORE_TEXT).is_file() else CHAT * 400
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids += tokenize(text)
+    return ids[:n_tokens]
 
 
 def bench_latency(path: Path, repeats: int) -> dict[str, Any]:
@@ -324,6 +349,19 @@ def bench_tokenize(model: Any, path: Path, repeats: int) -> dict[str, Any]:
 
 def _child_main(what: str, layout: str, path: Path) -> None:
     """One isolated measurement in this process; prints its peak RSS as JSON."""
+    if what == "llama_cpp_score":  # llama.cpp's perplexity over 2 chunks of ctx min(2048, context)
+        from .gguf.config import LlamaConfig
+        from .gguf.reader import read_gguf
+        from .scoring.llamacpp import LlamaCppChunks, llamacpp_perplexity
+
+        ctx = min(2048, LlamaConfig.from_gguf(read_gguf(path)).context_length)
+        base = peak_rss_mb("VmRSS")
+        tok = LlamaCppChunks(path, 4, n_seq=1)
+        ids = _score_text(2 * ctx, lambda t: tok.tokenize(t))
+        tok.close()
+        llamacpp_perplexity(path, ids, ctx, n_seq=1)
+        print(json.dumps({"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base, "ctx": ctx}))
+        return
     if what == "llama_cpp_decode":  # llama-cpp-python: RSS once imported, then the peak of a 64-token answer
         import llama_cpp
 
@@ -338,6 +376,15 @@ def _child_main(what: str, layout: str, path: Path) -> None:
 
     jax.numpy.zeros(1).block_until_ready()
     out: dict[str, float] = {}
+    if what == "score":  # perplexity over 2 chunks of ctx min(2048, context), as a user runs it
+        from .scoring import perplexity
+
+        model = jaxllama.load(path, weights=layout)
+        ctx = min(2048, model.config.context_length)
+        ids = _score_text(2 * ctx, lambda t: model.tokenizer.encode(t, add_special=False))
+        out["after_load_rss_mb"] = peak_rss_mb("VmRSS")
+        perplexity(model, ids, ctx=ctx)
+        out["ctx"] = ctx
     if what in ("load", "decode"):
         model = jaxllama.load(path, weights=layout)
         jax.block_until_ready(model.params)
@@ -371,7 +418,8 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
 
     r: dict[str, Any] = {"model": str(path), "machine": machine(), "threads": threads, "repeats": repeats,
                          "ratios": "ours / llama.cpp (throughput), llama.cpp / ours (time): > 1 means jaxllama is faster"}
-    models = {layout: jaxllama.load(path, weights=layout) for layout in LAYOUTS}
+    in_process = {"prefill", "decode", "fill", "tracing", "device", "tokenize"} & set(sections)
+    models = {layout: jaxllama.load(path, weights=layout) for layout in LAYOUTS} if in_process else {}
     if "load" in sections:
         r["load"] = bench_load(path, repeats)
     if "prefill" in sections:

@@ -131,6 +131,8 @@ def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
     for a in range(0, k, step):
         b = min(a + step, k)
         piece = {key: leaf[key][:, a // sub: b // sub] for key in ("scale", "offset") if key in leaf}
+        if "qh" in leaf:  # fifth bits: one byte per 8 values
+            piece["qh"] = leaf["qh"][:, a // 8: b // 8]
         w = native_values({"q": q[:, a // per_byte: b // per_byte], **piece})
         parts.append(jnp.matmul(rows[:, a:b], w.T, precision=lax.Precision.HIGHEST))
     if len(parts) > 1:

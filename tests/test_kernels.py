@@ -28,29 +28,33 @@ def scales(rng, shape, half):
     return s.astype(np.float16)
 """
 
-# Runs in a child so that JAXLLAMA_KERNEL_ISA is read when the library loads. For int8 and packed
-# q, groups of 16 and 32, with and without offsets, float32 and float16 scales (the latter also
+# Runs in a child so that JAXLLAMA_KERNEL_ISA is read when the library loads. For int8, packed
+# 4-bit and 5-bit q (nibbles plus a plane of fifth bits, groups of 32 only), groups of 16 and 32, with and without offsets, float32 and float16 scales (the latter also
 # over several of the kernel's segments of 64 groups), 1..32 rows (and 33: the fallback) and a
 # row count that no chunk size divides: the worst error against float64
 # numpy, relative to sum |x * w|; and the last row computed alone, which must give the same bits.
 CHILD = textwrap.dedent("""
     import concurrent.futures, itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
-    from jaxllama.gguf.convert import native_values, pack_nibbles
+    from jaxllama.gguf.convert import native_values, pack_bits, pack_nibbles
     from jaxllama.model import xla_native_dense
     rng = np.random.default_rng(0)
     worst, batch_differs = 0.0, 0
 """) + SCALES + textwrap.dedent("""
-    for packed, group, offset, half in itertools.product((False, True), (16, 32), (False, True), (False, True)):
+    for bits, group, offset, half in itertools.product((8, 4, 5), (16, 32), (False, True), (False, True)):
+        if bits == 5 and group == 16:
+            continue
         for m, k in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 33), (576, 2304) if half else (576,)):
             n = 203  # k 2304: 72 or 144 groups, more than one segment of float16 scales
-            q = rng.integers(0 if packed else -128, 16 if packed else 128, (n, k)).astype(np.int8)
+            q = rng.integers(-128 if bits == 8 else 0, 2 ** min(bits, 7), (n, k)).astype(np.int8)
             leaf = {"q": jnp.asarray(q), "scale": jnp.asarray(scales(rng, (n, k // group), half))}
             if offset:
                 leaf["offset"] = jnp.asarray(scales(rng, (n, k // group), half))
             w = np.asarray(native_values(leaf), np.float64)
-            if packed:
-                leaf["q"] = pack_nibbles(leaf["q"])
+            if bits == 5:
+                leaf["qh"] = pack_bits(leaf["q"] >> 4)
+            if bits < 8:
+                leaf["q"] = pack_nibbles(leaf["q"] & 15)
             x = rng.normal(size=(m, k)).astype(np.float32)
             got = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x, leaf))
             want = x.astype(np.float64) @ w.T
@@ -115,17 +119,21 @@ ATTEND = textwrap.dedent("""
 DEQUANT = textwrap.dedent("""
     import itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
-    from jaxllama.gguf.convert import pack_nibbles
+    from jaxllama.gguf.convert import pack_bits, pack_nibbles
     rng = np.random.default_rng(2)
     mismatched, fused, used = 0, 0, 0
 """) + SCALES + textwrap.dedent("""
-    for packed, group, offset, half in itertools.product((False, True), (16, 32, 64), (False, True), (False, True)):
+    for bits, group, offset, half in itertools.product((8, 4, 5), (16, 32, 64), (False, True), (False, True)):
+        if bits == 5 and group != 32:
+            continue
         for layer in (None, 2):
             n, k = 203, 576
             lead = () if layer is None else (3,)
-            q = rng.integers(0 if packed else -128, 16 if packed else 128, (*lead, n, k)).astype(np.int8)
+            q = rng.integers(-128 if bits == 8 else 0, 2 ** min(bits, 7), (*lead, n, k)).astype(np.int8)
             scale = scales(rng, (*lead, n, k // group), half)
-            leaf = {"q": pack_nibbles(jnp.asarray(q)) if packed else jnp.asarray(q), "scale": jnp.asarray(scale)}
+            leaf = {"q": pack_nibbles(jnp.asarray(q) & 15) if bits < 8 else jnp.asarray(q), "scale": jnp.asarray(scale)}
+            if bits == 5:
+                leaf["qh"] = pack_bits(jnp.asarray(q) >> 4)
             ql, sl = (q, scale.astype(np.float32)) if layer is None else (q[layer], scale[layer].astype(np.float32))
             want = np.repeat(sl, group, axis=-1) * ql.astype(np.float32)
             if offset:
@@ -191,7 +199,7 @@ def test_dequant_kernel_equals_numpy_bit_for_bit(forced):
     the float32 layout: a product then a sum, never one FMA."""
     got = _child({"JAXLLAMA_KERNEL_ISA": forced}, DEQUANT)
     assert got["isa"] == (forced or got["isa"]) and got["isa"] != "xla"
-    assert got["used"] == 48 and got["fused"] > 1000  # the data tells an FMA apart
+    assert got["used"] == 56 and got["fused"] > 1000  # the data tells an FMA apart
     assert got["mismatched"] == 0
 
 

@@ -135,3 +135,35 @@ def test_perplexity_matches_llamacpp(qwen, qwen_gguf, qwen_f32):
     assert abs(got.ppl / want_f32 - 1) <= 1e-3
     want_q = llamacpp_perplexity(qwen_gguf, text, ctx=256, chunks=4, n_seq=1).ppl
     assert abs(got.ppl / want_q - 1) <= 2e-2  # llama.cpp's own 8-bit activations move it
+
+
+def test_native_blocks_follow_the_files_bytes(qwen, qwen_gguf):
+    """Q8_0 leaves take exactly their GGUF tensors' bytes; Q5_0 leaves four bits per value plus a
+    plane of fifth bits and float16 scales, as the file, plus a float16 offset (-16 x scale) per
+    32 values: 24 bytes where the file has 22 (gguf's block table gives both)."""
+    import gguf
+    import jax
+
+    T = gguf.GGMLQuantizationType
+    reader = gguf.GGUFReader(qwen_gguf)
+    by_leaf: dict[str, list] = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        key = parts[2] if parts[0] == "blk" else parts[0]
+        if parts[-1] == "weight" and t.tensor_type in (T.Q5_0, T.Q8_0):
+            by_leaf.setdefault(key, []).append(t)
+    p = qwen.params["params"]
+    leaves = {**p["layers"], "token_embd": p["token_embd"], "output": p["output"]}
+    checked = 0
+    for key, tensors in by_leaf.items():
+        if len(tensors) != (qwen.config.n_layer if key in p["layers"] else 1) or len({t.tensor_type for t in tensors}) != 1:
+            continue  # a leaf of several types (attn_v: Q5_0 and Q8_0 layers) takes a common layout
+        leaf = {k: v for k, v in leaves[key].items() if k in ("q", "qh", "scale", "offset")}
+        file_bytes = sum(int(t.n_bytes) for t in tensors)
+        mine = sum(x.nbytes for x in jax.tree.leaves(leaf))
+        if tensors[0].tensor_type == T.Q8_0:
+            assert mine == file_bytes, key
+        else:
+            assert leaf["qh"].dtype == np.uint8 and mine * 22 == file_bytes * 24, key
+        checked += 1
+    assert checked == 7  # attn_q, attn_k, attn_output, ffn_gate, ffn_up, token_embd (Q5_0); output (Q8_0)

@@ -20,7 +20,8 @@ import pytest
 import jaxllama
 from jaxllama.generation import generate
 from jaxllama import kernels
-from jaxllama.gguf.convert import PACKED_QMIN, _shift_to_unsigned, native_values, pack_nibbles, unpack_nibbles
+from jaxllama.gguf.convert import (FIVE_BIT_QMIN, PACKED_QMIN, _shift_to_unsigned, native_values, pack_bits,
+                                   pack_nibbles, unpack_bits, unpack_nibbles)
 from jaxllama.gguf.dequant import AFFINE, affine_blocks
 from jaxllama.model import forward, forward_step, init_cache, xla_native_dense
 from jaxllama.hlo import kernel_counts, unfused  # noqa: E402
@@ -52,6 +53,26 @@ def test_affine_blocks_hold_gguf_quants_values(t):
         assert np.array_equal(got[finite], want[finite])  # equal values; a zero may lose its sign (-0.0 -> 0.0)
         nonzero = finite & (want != 0)
         assert np.array_equal(got[nonzero].view(np.uint32), want[nonzero].view(np.uint32))
+    if t in FIVE_BIT_QMIN:  # four bits per byte plus a plane of fifth bits: still gguf.quants' values
+        q, scale, offset = _shift_to_unsigned((q, scale, offset), FIVE_BIT_QMIN[t])
+        assert int(q.min()) >= 0 and int(q.max()) <= 31
+        packed = {"q": pack_nibbles(q & 15), "qh": pack_bits(q >> 4), "scale": scale,
+                  **({} if offset is None else {"offset": offset})}
+        assert packed["q"].shape == (3, 4 * block) and packed["qh"].shape == (3, block)
+        got = np.asarray(native_values(packed))
+        assert np.array_equal(got[finite], want[finite])
+        nonzero = finite & (want != 0)
+        assert np.array_equal(got[nonzero].view(np.uint32), want[nonzero].view(np.uint32))
+
+
+def test_fifth_bit_planes_are_gguf_q5_0_order_and_round_trip():
+    """Bit j of the little-endian uint32 of each 32 values is value j's, as in GGUF's Q5_0 `qh`."""
+    bits = np.random.default_rng(1).integers(0, 2, size=(2, 64)).astype(np.uint8)
+    p = np.asarray(pack_bits(jnp.asarray(bits)))
+    assert p.shape == (2, 8) and p.dtype == np.uint8
+    words = p.reshape(2, 2, 4).view("<u4")[..., 0]
+    np.testing.assert_array_equal((words[..., None] >> np.arange(32)) & 1, bits.reshape(2, 2, 32))
+    np.testing.assert_array_equal(np.asarray(unpack_bits(jnp.asarray(p))), bits)
 
 
 def test_nibble_packing_is_gguf_order_and_round_trips():

@@ -67,7 +67,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: float ones dequantize. "auto" is the fastest exact layout: native.
 WEIGHTS = ("auto", "native", "float32", "bfloat16")
 #: The arrays of a native leaf (it may hold others: `mins`, `bias`).
-NATIVE_KEYS = ("q", "scale", "offset")
+NATIVE_KEYS = ("q", "qh", "scale", "offset")
 
 
 def check_dtype(dtype: str) -> Any:
@@ -92,6 +92,27 @@ PACKED_QMIN = {
     GGMLQuantizationType.Q3_K: -4,
     GGMLQuantizationType.Q2_K: 0,
 }
+
+
+#: 5-bit types, from this minimum: their native q is packed as 4-bit values plus a plane of fifth bits.
+FIVE_BIT_QMIN = {
+    GGMLQuantizationType.Q5_0: -16,
+    GGMLQuantizationType.Q5_1: 0,
+    GGMLQuantizationType.Q5_K: 0,
+}
+
+
+def pack_bits(bits: jax.Array) -> jax.Array:
+    """Bits 0/1 `[..., K]` -> uint8 `[..., K/8]`, as GGUF's Q5_0 keeps fifth bits: per 32 values
+    a little-endian uint32 whose bit j belongs to value j."""
+    b = bits.astype(jnp.uint8).reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8)
+    return jnp.sum(b << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def unpack_bits(packed: jax.Array) -> jax.Array:
+    """The inverse of `pack_bits`, as uint8 0/1 `[..., K]`."""
+    b = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+    return b.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
 
 
 def pack_nibbles(q: jax.Array) -> jax.Array:
@@ -123,6 +144,8 @@ def native_values(leaf: Params) -> jax.Array:
     q, scale = leaf["q"], leaf["scale"].astype(jnp.float32)  # float16 scales convert exactly
     if is_packed(leaf):
         q = unpack_nibbles(q)
+    if "qh" in leaf:  # 5-bit values: the fifth bits add 16
+        q = q + (unpack_bits(leaf["qh"]) << 4).astype(jnp.int8)
     groups = scale.shape[-1]
     v = scale[..., None] * q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).astype(jnp.float32)
     if "offset" in leaf:
@@ -133,7 +156,7 @@ def native_values(leaf: Params) -> jax.Array:
 def _shift_to_unsigned(part: tuple[jax.Array, jax.Array, jax.Array | None], qmin: int) -> tuple:
     """(q, scale, offset) -> (q - qmin, scale, offset + qmin * scale): every value unchanged.
 
-    Exact in float32: qmin is 0 or a small power of two (-4, -8) and those types have no offset,
+    Exact in float32: qmin is 0 or a small power of two (-4, -8, -16) and those types have no offset,
     so qmin * scale is exact, and scale * (q - qmin) + qmin * scale rounds to the exact value
     scale * q, which float32 represents (scale has at most 17 significant bits here). Only a
     zero's sign can change (-0.0 becomes 0.0), which no sum of products can tell.
@@ -284,10 +307,17 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: 
     for path, kind, groups in spec:
         if native and kind in ("kernel", "embedding") and all(t in AFFINE for t, _ in groups):
             parts = [affine_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])]
-            packed = all(t in PACKED_QMIN for t, _ in groups)
+            qmin = {**PACKED_QMIN, **FIVE_BIT_QMIN}
+            packed = all(t in qmin for t, _ in groups)
             if packed:
-                parts = [_shift_to_unsigned(part, PACKED_QMIN[t]) for (t, _), part in zip(groups, parts)]
+                parts = [_shift_to_unsigned(part, qmin[t]) for (t, _), part in zip(groups, parts)]
             stacked = _stack_native(parts, [i for _, layers in groups for i in layers])
+            five = any(t in FIVE_BIT_QMIN for t, _ in groups)
+            if five and stacked["q"].shape[-1] // stacked["scale"].shape[-1] != 32:
+                packed = False  # 5-bit planes in groups of 32 only (the kernels'): int8 (0..31) instead
+            if packed and five:  # 4-bit values plus a plane of fifth bits, in the GGUF file's bytes
+                stacked["qh"] = pack_bits(stacked["q"] >> 4)
+                stacked["q"] = stacked["q"] & 15
             if packed:
                 stacked["q"] = pack_nibbles(stacked["q"])
             base = path.rsplit("/", 1)[0]

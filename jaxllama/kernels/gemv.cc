@@ -6,7 +6,8 @@
 // which is x @ W.T for W = scale * q + offset (per group of `group` values along K), computed in
 // float32 without ever building W in memory (each vector of W exists only in registers). q is int8 [N, K], or uint8 [N, K / 2] holding 4-bit values
 // packed as GGUF packs Q4 blocks: per 32 values, 16 bytes, low nibbles = values 0..15, high
-// nibbles = values 16..31. Rows of W are shared out among threads (as many as XLA's intra-op pool).
+// nibbles = values 16..31; 5-bit values (Q5_0/Q5_1/Q5_K) add `qh` [N, K / 8], their fifth bits
+// as GGUF's Q5_0 keeps them: per 32 values a little-endian uint32 whose bit j belongs to value j. Rows of W are shared out among threads (as many as XLA's intra-op pool).
 //
 // Also: one layer's W in float32 (`JaxllamaDequant`, dequant_body.inc) for products with many rows,
 // which XLA multiplies best on a built matrix; the same values as jaxllama's pure-JAX dequantization.
@@ -81,6 +82,7 @@ inline float half_bits_to_float(uint16_t h) {
 struct Problem {
   const float* x;       // [M, K]
   const uint8_t* q;     // [N, K] int8, or [N, K / 2] packed
+  const uint8_t* qh;    // [N, K / 8]: fifth bits of packed 5-bit values (4 bytes per 32), or null
   const void* scale;    // [N, G], float32 or float16 (`half`)
   const void* offset;   // [N, G] like scale, or null
   float* out;           // [M, N]
@@ -168,6 +170,22 @@ inline void packed32(const uint8_t* p, float s, float o, V* w) {
   w[0] = _mm512_permutexvar_ps(v, table);
   w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
 }
+// A 5-bit unit: the 4-bit values above plus 16 where bit j of `h` is set (value j's fifth bit), as
+// weights s * q + o: two 16-entry tables (q = 0..15 and 16..31) that vpermt2ps picks from by 5 bits.
+inline void packed32h(const uint8_t* p, uint32_t h, float s, float o, V* w) {
+  const V iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V lo = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(o));
+  const V hi = _mm512_fmadd_ps(_mm512_add_ps(iota, _mm512_set1_ps(16.f)), _mm512_set1_ps(s), _mm512_set1_ps(o));
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  const __m512i v0 = _mm512_and_si512(v, _mm512_set1_epi32(15)), v1 = _mm512_srli_epi32(v, 4);
+  w[0] = _mm512_permutex2var_ps(lo, _mm512_mask_or_epi32(v0, __mmask16(h & 0xFFFF), v0, sixteen), hi);
+  w[1] = _mm512_permutex2var_ps(lo, _mm512_mask_or_epi32(v1, __mmask16(h >> 16), v1, sixteen), hi);
+}
+// L values' fifth bits, bits first..first+L-1 of h, as 16.0 or 0.0.
+inline V high16(uint32_t h, int64_t first) {
+  return _mm512_maskz_mov_ps(__mmask16((h >> first) & 0xFFFF), _mm512_set1_ps(16.f));
+}
 #include "gemv_body.inc"
 #include "attend_body.inc"
 #include "dequant_body.inc"
@@ -219,6 +237,17 @@ inline void packed32(const uint8_t* p, float s, float o, V* w) {
   unpack32(p, w);
   for (int j = 0; j < 4; ++j) w[j] = fma(w[j], broadcast(s), broadcast(o));
 }
+// L values' fifth bits, bits first..first+L-1 of h, as 16.0 or 0.0 (each lane tests its own bit).
+inline V high16(uint32_t h, int64_t first) {
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(h >> first)), lane), lane);
+  return _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_set1_ps(16.f));
+}
+// A 5-bit unit: the 4-bit values plus 16 where their bit of `h` is set, as weights s * q + o.
+inline void packed32h(const uint8_t* p, uint32_t h, float s, float o, V* w) {
+  unpack32(p, w);
+  for (int j = 0; j < 4; ++j) w[j] = fma(add(w[j], high16(h, 8 * j)), broadcast(s), broadcast(o));
+}
 #include "gemv_body.inc"
 #include "attend_body.inc"
 #include "dequant_body.inc"
@@ -254,6 +283,11 @@ inline void unpack32(const uint8_t* p, V* w) {
 inline void packed32(const uint8_t* p, float s, float o, V* w) {
   unpack32(p, w);
   for (int j = 0; j < 32; ++j) w[j] = fma(w[j], s, o);
+}
+inline V high16(uint32_t h, int64_t first) { return (h >> first) & 1 ? 16.f : 0.f; }
+inline void packed32h(const uint8_t* p, uint32_t h, float s, float o, V* w) {
+  unpack32(p, w);
+  for (int j = 0; j < 32; ++j) w[j] = fma(w[j] + high16(h, j), s, o);
 }
 #include "gemv_body.inc"
 #include "attend_body.inc"
@@ -419,13 +453,13 @@ void parallel_hot(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::func
 // One layer of stacked blocks as a Problem (x and out filled in by the caller), or an error.
 // q, scale and offset hold every layer ([L, N, ...]); `layer_index` picks one, so that XLA passes
 // the stacked arrays as they are instead of copying one layer's slice out for each call.
-ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::AnyBuffer& scale,
+ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::AnyBuffer& qh, ffi::AnyBuffer& scale,
                          ffi::AnyBuffer& offset, ffi::Buffer<ffi::S32>& layer_index, int64_t k,
                          Problem& prob) {
-  const auto qd = q.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
+  const auto qd = q.dimensions(), hd = qh.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
   const std::string name(what);
-  if (qd.size() != 3 || sd.size() != 3 || od.size() != 3)
-    return ffi::Error::InvalidArgument(name + ": q, scale and offset must be rank 3");
+  if (qd.size() != 3 || hd.size() != 3 || sd.size() != 3 || od.size() != 3)
+    return ffi::Error::InvalidArgument(name + ": q, qh, scale and offset must be rank 3");
   const bool packed = q.element_type() == ffi::U8;
   if (!packed && q.element_type() != ffi::S8)
     return ffi::Error::InvalidArgument(name + ": q must be int8 or packed uint8");
@@ -438,12 +472,17 @@ ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::AnyBuffer& sc
   const bool has_offset = offset.element_count() != 0;
   if (has_offset && (od[0] != layers || od[1] != n || od[2] != groups))
     return ffi::Error::InvalidArgument(name + ": offset must match scale");
+  const bool has_high = qh.element_count() != 0;
+  if (has_high && (!packed || k / groups != 32 || qh.element_type() != ffi::U8 || hd[0] != layers || hd[1] != n ||
+                   hd[2] != k / 8))
+    return ffi::Error::InvalidArgument(name + ": qh must be uint8 [L, N, K / 8] beside packed q in groups of 32");
   if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument(name + ": layer index out of range");
   const bool half = scale.element_type() == ffi::F16;
   if ((!half && scale.element_type() != ffi::F32) || offset.element_type() != scale.element_type())
     return ffi::Error::InvalidArgument(name + ": scale and offset must both be float32 or both float16");
   const int64_t row_bytes = packed ? k / 2 : k, at = layer * n * groups * (half ? 2 : 4);
   prob = Problem{nullptr, static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
+                 has_high ? static_cast<const uint8_t*>(qh.untyped_data()) + layer * n * (k / 8) : nullptr,
                  static_cast<const char*>(scale.untyped_data()) + at,
                  has_offset ? static_cast<const char*>(offset.untyped_data()) + at : nullptr,
                  nullptr, 0, n, k, groups, k / groups, packed, half};
@@ -457,13 +496,13 @@ int64_t rows_per_item(const Problem& p, ffi::ThreadPool& pool) {
   return std::min<int64_t>((65536 + row_bytes - 1) / row_bytes, (p.n + 4 * threads - 1) / (4 * threads));
 }
 
-ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::AnyBuffer qh,
                     ffi::AnyBuffer scale, ffi::AnyBuffer offset,
                     ffi::Buffer<ffi::S32> layer_index, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("gemv: x must be rank 2");
   Problem prob;
-  if (auto e = layer_problem("gemv", q, scale, offset, layer_index, xd[1], prob); e.failure()) return e;
+  if (auto e = layer_problem("gemv", q, qh, scale, offset, layer_index, xd[1], prob); e.failure()) return e;
   prob.x = x.typed_data();
   prob.out = out->typed_data();
   prob.m = xd[0];
@@ -473,11 +512,11 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
 
 // One layer's W [N, K] in float32 (see dequant_body.inc), for products with many rows of x,
 // which XLA's matrix multiplication does best on a built matrix.
-ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer scale,
+ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer qh, ffi::AnyBuffer scale,
                        ffi::AnyBuffer offset, ffi::Buffer<ffi::S32> layer_index,
                        ffi::ResultBuffer<ffi::F32> out) {
   Problem prob;
-  if (auto e = layer_problem("dequant", q, scale, offset, layer_index, -1, prob); e.failure()) return e;
+  if (auto e = layer_problem("dequant", q, qh, scale, offset, layer_index, -1, prob); e.failure()) return e;
   prob.out = out->typed_data();
   parallel(pool, prob.n, rows_per_item(prob, pool), [prob](int64_t n0, int64_t n1) { chosen.dequant(prob, n0, n1); });
   return ffi::Error::Success();
@@ -535,12 +574,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaGemv, GemvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaDequant, DequantImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -33,6 +33,7 @@ from ..parallel.distributed import gather_rows
 from .perplexity import Chunks, Progress, plan_share
 
 SAVED_FORMAT = "jaxllama-base-logprobs-1"
+LOG_SOFTMAX_ROWS = 32  # positions of llama.cpp's logits taken to float64 at once (39 MB at a 152k vocabulary)
 
 
 def vocab_digest(tokens: Sequence[str]) -> str:
@@ -91,13 +92,15 @@ class LlamaCppBase:
 
         ctx = b.tokens.shape[1]
         if self._chunks is None:
-            self._chunks = LlamaCppChunks(self.path, ctx, n_seq=len(b.rows), n_threads=self.n_threads,
+            self._chunks = LlamaCppChunks(self.path, ctx, n_seq=1, n_threads=self.n_threads,
                                           bit_close=self.bit_close)
-        real = [j for j, i in enumerate(b.rows) if i >= 0]
-        logits = self._chunks.logits(b.tokens[real])
-        out = np.zeros((*b.at.shape, logits.shape[-1]), np.float32)
-        for k, j in enumerate(real):
-            out[j, : logits.shape[1]] = log_softmax64(logits[k])
+        out = np.zeros((*b.at.shape, self._chunks.n_vocab), np.float32)
+        for j, i in enumerate(b.rows):  # one chunk at a time: its logits are the only other [N, vocab] array
+            if i >= 0:
+                logits = self._chunks.logits(b.tokens[j: j + 1])[0]
+                for p0 in range(0, len(logits), LOG_SOFTMAX_ROWS):  # float64 a slab of positions at a time
+                    out[j, p0: p0 + LOG_SOFTMAX_ROWS] = log_softmax64(logits[p0: p0 + LOG_SOFTMAX_ROWS])
+                del logits
         return jnp.asarray(out)
 
     def close(self) -> None:
