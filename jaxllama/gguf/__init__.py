@@ -7,7 +7,7 @@ conversion, saved parameter files and the default model.
     convert.py        GGUF tensors -> the Flax pytree (layout documented there)
     saved.py          save a converted pytree to msgpack, load it back
     converted.py      conversions kept in the jaxllama cache, read back by later loads
-    default_model.py  fetch and hash-check the default SmolLM2-135M GGUF
+    default_model.py  known models (the default SmolLM2-135M, qwen2.5-0.5b, gemma3-270m): fetch, hash-check
 """
 
 from .config import LlamaConfig

@@ -96,9 +96,13 @@ def resolve_model(arg: str | os.PathLike | None) -> Path:
     verified file (fetched once), anything else a path taken as it is."""
     if arg is None:
         return default_model_path()
-    if isinstance(arg, str) and arg in KNOWN and not Path(arg).exists():
-        return known_model_path(arg)
-    return Path(arg)
+    path = Path(arg)
+    if isinstance(arg, str) and not path.exists():
+        if arg in KNOWN:
+            return known_model_path(arg)
+        if "/" not in arg and not path.suffix:  # neither a file nor a name we know
+            raise InvalidInputError(f"model {arg!r}: no such file, and not a known model name ({', '.join(KNOWN)})")
+    return path
 
 
 def _member(z: zipfile.ZipFile, pattern: str) -> str:
