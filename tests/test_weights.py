@@ -206,3 +206,24 @@ def test_saved_native_model_round_trips_and_converts(tiny_factory, tmp_path):
 def test_bad_weights_name(tiny_gguf):
     with pytest.raises(jaxllama.InvalidInputError, match="weights: must be one of auto, native, float32, bfloat16"):
         jaxllama.load(tiny_gguf, weights="int4")
+
+
+def test_large_matrices_are_multiplied_a_slice_at_a_time(default_gguf, default_model, monkeypatch):
+    """A many-row product builds at most `DEQUANT_BYTES` of a float32 matrix at once: with the
+    limit at 1 MiB every matrix of the default model (the 49,152-row output included, its last
+    slice overlapping the one before) goes through slices, and the logits are the same: each
+    output is the same dot product; XLA may block it otherwise, so the bound is float32
+    reordering's (2 gamma_K per layer, see test_parallel.reorder_bound)."""
+    import jaxllama.model as model
+    from test_parallel import reorder_bound
+
+    ids = default_model.tokenizer.encode("The history of the printing press begins in the fifteenth century, when")
+    whole = default_model.logits(ids)
+    monkeypatch.setattr(model, "DEQUANT_BYTES", 1 << 20)
+    jax.clear_caches()
+    text = jax.jit(model.forward, static_argnames=("config",)).lower(
+        default_model.params, jnp.asarray([ids]), default_model.config).compile().as_text()
+    assert "f32[49152,576]" not in unfused(text) and "f32[256,576]" in unfused(text)  # slices, not the matrix
+    sliced = default_model.logits(ids)
+    jax.clear_caches()
+    assert np.abs(sliced - whole).max() <= reorder_bound(default_model.config) * np.abs(whole).max()
