@@ -78,6 +78,36 @@ def machine() -> dict[str, Any]:
             "matvec_kernel": kernels.isa()}
 
 
+def kernel_table(model: Any) -> list[dict[str, Any]]:
+    """Per matrix of `model`: its GGUF types, how the native layout holds it (bits per value,
+    group, scale dtype) and the kernels its products run through: decode steps and prompts of up
+    to `kernels.MAX_ROWS` rows through `gemv` (this CPU's `isa`), longer prompts and scoring
+    through `dequant` + XLA's matrix product; "xla" where no kernel is built (or off CPU)."""
+    from . import kernels
+    from .gguf.convert import MATRICES
+
+    p = model.params["params"]
+    isa = kernels.isa()
+    rows = []
+    for short in MATRICES:
+        leaf = p["layers"].get(short) if short != "output" else (p.get("output") or p["token_embd"])
+        if short == "output":
+            names = ["output.weight" if "output.weight" in model.tensor_types else "token_embd.weight"]
+        else:
+            names = [f"blk.{i}.{short}.weight" for i in range(model.config.n_layer)]
+        types = sorted({model.tensor_types[n] for n in names})
+        if not isinstance(leaf, dict) or "q" not in leaf:
+            rows.append({"matrix": short, "gguf_types": types, "layout": "float32", "decode": "xla", "prompt": "xla"})
+            continue
+        bits = 5 if "qh" in leaf else 4 if leaf["q"].dtype == np.uint8 else 8
+        width = leaf["q"].shape[-1] * (2 if bits < 8 else 1)
+        rows.append({"matrix": short, "gguf_types": types, "layout": f"{bits}-bit",
+                     "group": width // leaf["scale"].shape[-1], "scale": str(leaf["scale"].dtype),
+                     "offset": "offset" in leaf, "decode": f"gemv ({isa})" if isa != "xla" else "xla (fused)",
+                     "prompt": f"dequant ({isa}) + XLA dot" if isa != "xla" else "xla"})
+    return rows
+
+
 def peak_rss_mb(field: str = "VmHWM") -> float:
     """This process's peak resident memory in MB (or another /proc/self/status field: VmRSS is
     the current one).
@@ -420,6 +450,8 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
                          "ratios": "ours / llama.cpp (throughput), llama.cpp / ours (time): > 1 means jaxllama is faster"}
     in_process = {"prefill", "decode", "fill", "tracing", "device", "tokenize"} & set(sections)
     models = {layout: jaxllama.load(path, weights=layout) for layout in LAYOUTS} if in_process else {}
+    if models:
+        r["kernels"] = kernel_table(models["native"])
     if "load" in sections:
         r["load"] = bench_load(path, repeats)
     if "prefill" in sections:

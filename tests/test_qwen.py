@@ -167,3 +167,17 @@ def test_native_blocks_follow_the_files_bytes(qwen, qwen_gguf):
             assert leaf["qh"].dtype == np.uint8 and mine * 22 == file_bytes * 24, key
         checked += 1
     assert checked == 7  # attn_q, attn_k, attn_output, ffn_gate, ffn_up, token_embd (Q5_0); output (Q8_0)
+
+
+def test_every_matrix_type_has_a_native_kernel_path(qwen):
+    """No type of this Q4_K_M mix falls back to float32 or to a pure-JAX product on this CPU: each
+    matrix is held as GGUF blocks (4/5/8-bit) and decoded through the gemv kernel; the 5-bit
+    layout exactly where the file has Q5_0 alone."""
+    from jaxllama import kernels
+    from jaxllama.benchmark import kernel_table
+
+    rows = kernel_table(qwen)
+    assert len(rows) == 8 and kernels.available()
+    for r in rows:
+        assert r["layout"] in ("5-bit", "8-bit") and r["decode"] == f"gemv ({kernels.isa()})", r
+        assert (r["layout"] == "5-bit") == (r["gguf_types"] == ["Q5_0"]), r
