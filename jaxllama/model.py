@@ -133,6 +133,9 @@ def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
         piece = {key: leaf[key][:, a // sub: b // sub] for key in ("scale", "offset") if key in leaf}
         if "qh" in leaf:  # fifth bits: one byte per 8 values
             piece["qh"] = leaf["qh"][:, a // 8: b // 8]
+        for key in ("scale_d", "offset_d"):  # K-quants' factors: one per 256 values (step is a multiple)
+            if key in leaf:
+                piece[key] = leaf[key][:, a // 256: b // 256]
         w = native_values({"q": q[:, a // per_byte: b // per_byte], **piece})
         parts.append(jnp.matmul(rows[:, a:b], w.T, precision=lax.Precision.HIGHEST))
     if len(parts) > 1:

@@ -18,7 +18,8 @@ from jaxllama.gguf.convert import native_values, pack_nibbles
 from jaxllama.model import xla_native_dense
 
 # Scales and offsets as the native layout may hold them: float32, or float16 (GGUF's own), then
-# with float16 subnormals among them (every 7th value tiny), which the kernels convert exactly.
+# with float16 subnormals among them (every 7th value tiny), which the kernels convert exactly; or
+# K-quants' two levels ("two"): int8 multipliers and a float16 factor per 256 values.
 SCALES = """
 def scales(rng, shape, half):
     s = rng.normal(size=shape)
@@ -26,11 +27,20 @@ def scales(rng, shape, half):
         return s.astype(np.float32)
     s.flat[::7] *= 1e-5
     return s.astype(np.float16)
+
+
+def add_scales(rng, leaf, key, shape, kind):
+    if kind == "two":
+        leaf[key] = jnp.asarray(rng.integers(-128, 128, shape), jnp.int8)
+        leaf[key + "_d"] = jnp.asarray(scales(rng, (*shape[:-1], shape[-1] * (leaf["q"].shape[-1] // shape[-1]) // 256), True))
+    else:
+        leaf[key] = jnp.asarray(scales(rng, shape, kind == "f16"))
 """
 
 # Runs in a child so that JAXLLAMA_KERNEL_ISA is read when the library loads. For int8, packed
-# 4-bit and 5-bit q (nibbles plus a plane of fifth bits, groups of 32 only), groups of 16 and 32, with and without offsets, float32 and float16 scales (the latter also
-# over several of the kernel's segments of 64 groups), 1..32 rows (and 33: the fallback) and a
+# 4-bit and 5-bit q (nibbles plus a plane of fifth bits, groups of 32 only), groups of 16 and 32,
+# with and without offsets, float32, float16 and two-level scales (the latter two also over
+# several of the kernel's segments of 64 groups), 1..32 rows (and 33: the fallback) and a
 # row count that no chunk size divides: the worst error against float64
 # numpy, relative to sum |x * w|; and the last row computed alone, which must give the same bits.
 CHILD = textwrap.dedent("""
@@ -41,15 +51,17 @@ CHILD = textwrap.dedent("""
     rng = np.random.default_rng(0)
     worst, batch_differs = 0.0, 0
 """) + SCALES + textwrap.dedent("""
-    for bits, group, offset, half in itertools.product((8, 4, 5), (16, 32), (False, True), (False, True)):
+    for bits, group, offset, kind in itertools.product((8, 4, 5), (16, 32), (False, True), ("f32", "f16", "two")):
         if bits == 5 and group == 16:
             continue
-        for m, k in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 33), (576, 2304) if half else (576,)):
+        ks = {"f32": (576,), "f16": (576, 2304), "two": (768, 2304)}[kind]  # two levels: whole 256-value blocks
+        for m, k in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 33), ks):
             n = 203  # k 2304: 72 or 144 groups, more than one segment of float16 scales
             q = rng.integers(-128 if bits == 8 else 0, 2 ** min(bits, 7), (n, k)).astype(np.int8)
-            leaf = {"q": jnp.asarray(q), "scale": jnp.asarray(scales(rng, (n, k // group), half))}
+            leaf = {"q": jnp.asarray(q)}
+            add_scales(rng, leaf, "scale", (n, k // group), kind)
             if offset:
-                leaf["offset"] = jnp.asarray(scales(rng, (n, k // group), half))
+                add_scales(rng, leaf, "offset", (n, k // group), kind)
             w = np.asarray(native_values(leaf), np.float64)
             if bits == 5:
                 leaf["qh"] = pack_bits(leaf["q"] >> 4)
@@ -111,8 +123,8 @@ ATTEND = textwrap.dedent("""
 """)
 
 
-# One layer's matrix in float32 (`kernels.dequant`): int8 and packed q, groups of 16, 32 and 64,
-# with and without offsets, float32 and float16 scales, stacked layers (layer 2 of 3) and a plain
+# One layer's matrix in float32 (`kernels.dequant`): int8, packed 4-bit and 5-bit q, groups of 16,
+# 32 and 64, with and without offsets, float32, float16 and two-level scales, stacked layers (layer 2 of 3) and a plain
 # matrix, against numpy's float32 `scale * q` then `+ offset`: equal bit for bit. The fallback
 # would give NaN. `fused` counts values where one FMA would round differently, so the data can
 # tell the two apart.
@@ -123,23 +135,29 @@ DEQUANT = textwrap.dedent("""
     rng = np.random.default_rng(2)
     mismatched, fused, used = 0, 0, 0
 """) + SCALES + textwrap.dedent("""
-    for bits, group, offset, half in itertools.product((8, 4, 5), (16, 32, 64), (False, True), (False, True)):
+    def floats(leaf, key, layer):  # the float32 scale (or offset) per group, as numpy computes it
+        a = np.asarray(leaf[key] if layer is None else leaf[key][layer]).astype(np.float32)
+        if key + "_d" not in leaf:
+            return a
+        d = np.asarray(leaf[key + "_d"] if layer is None else leaf[key + "_d"][layer]).astype(np.float32)
+        return np.repeat(d, a.shape[-1] // d.shape[-1], axis=-1) * a
+
+    for bits, group, offset, kind in itertools.product((8, 4, 5), (16, 32, 64), (False, True), ("f32", "f16", "two")):
         if bits == 5 and group != 32:
             continue
         for layer in (None, 2):
-            n, k = 203, 576
+            n, k = 203, 768
             lead = () if layer is None else (3,)
             q = rng.integers(-128 if bits == 8 else 0, 2 ** min(bits, 7), (*lead, n, k)).astype(np.int8)
-            scale = scales(rng, (*lead, n, k // group), half)
-            leaf = {"q": pack_nibbles(jnp.asarray(q) & 15) if bits < 8 else jnp.asarray(q), "scale": jnp.asarray(scale)}
+            leaf = {"q": pack_nibbles(jnp.asarray(q) & 15) if bits < 8 else jnp.asarray(q)}
+            add_scales(rng, leaf, "scale", (*lead, n, k // group), kind)
             if bits == 5:
                 leaf["qh"] = pack_bits(jnp.asarray(q) >> 4)
-            ql, sl = (q, scale.astype(np.float32)) if layer is None else (q[layer], scale[layer].astype(np.float32))
+            ql, sl = (q if layer is None else q[layer]), floats(leaf, "scale", layer)
             want = np.repeat(sl, group, axis=-1) * ql.astype(np.float32)
             if offset:
-                off = scales(rng, (*lead, n, k // group), half)
-                leaf["offset"] = jnp.asarray(off)
-                o = np.repeat((off if layer is None else off[layer]).astype(np.float32), group, axis=-1)
+                add_scales(rng, leaf, "offset", (*lead, n, k // group), kind)
+                o = np.repeat(floats(leaf, "offset", layer), group, axis=-1)
                 exact = np.repeat(sl, group, axis=-1).astype(np.float64) * ql + o
                 fused += int((exact.astype(np.float32) != want + o).sum())
                 want = want + o
@@ -199,7 +217,7 @@ def test_dequant_kernel_equals_numpy_bit_for_bit(forced):
     the float32 layout: a product then a sum, never one FMA."""
     got = _child({"JAXLLAMA_KERNEL_ISA": forced}, DEQUANT)
     assert got["isa"] == (forced or got["isa"]) and got["isa"] != "xla"
-    assert got["used"] == 56 and got["fused"] > 1000  # the data tells an FMA apart
+    assert got["used"] == 84 and got["fused"] > 1000  # the data tells an FMA apart
     assert got["mismatched"] == 0
 
 

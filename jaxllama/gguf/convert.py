@@ -51,7 +51,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .config import LlamaConfig
-from .dequant import AFFINE, KERNELS, affine_blocks, dequantize_blocks, dequantize_numpy
+from .dequant import AFFINE, KERNELS, TWO_LEVEL, affine_blocks, dequantize_blocks, dequantize_numpy, two_level_blocks
 from ..errors import InvalidInputError, UnsupportedModelError
 from .reader import GGUFFile
 
@@ -67,7 +67,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: float ones dequantize. "auto" is the fastest exact layout: native.
 WEIGHTS = ("auto", "native", "float32", "bfloat16")
 #: The arrays of a native leaf (it may hold others: `mins`, `bias`).
-NATIVE_KEYS = ("q", "qh", "scale", "offset")
+NATIVE_KEYS = ("q", "qh", "scale", "scale_d", "offset", "offset_d")
 
 
 def check_dtype(dtype: str) -> Any:
@@ -141,7 +141,7 @@ def native_width(leaf: Params) -> int:
 
 def native_values(leaf: Params) -> jax.Array:
     """The float32 values `[..., N, K]` of a native leaf: scale * q (+ offset), exactly."""
-    q, scale = leaf["q"], leaf["scale"].astype(jnp.float32)  # float16 scales convert exactly
+    q, scale = leaf["q"], two_level(leaf, "scale")  # float16 scales convert exactly
     if is_packed(leaf):
         q = unpack_nibbles(q)
     if "qh" in leaf:  # 5-bit values: the fifth bits add 16
@@ -149,8 +149,19 @@ def native_values(leaf: Params) -> jax.Array:
     groups = scale.shape[-1]
     v = scale[..., None] * q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).astype(jnp.float32)
     if "offset" in leaf:
-        v = v + leaf["offset"].astype(jnp.float32)[..., None]
+        v = v + two_level(leaf, "offset")[..., None]
     return v.reshape(q.shape)
+
+
+def two_level(leaf: Params, key: str) -> jax.Array:
+    """A native leaf's `scale` or `offset` per group as float32: as stored (float32 or float16),
+    or for K-quants int8 multipliers times their float16 factor per super-block (`key + "_d"`),
+    a product float32 holds exactly."""
+    a = leaf[key].astype(jnp.float32)
+    if f"{key}_d" not in leaf:
+        return a
+    d = leaf[f"{key}_d"].astype(jnp.float32)
+    return jnp.repeat(d, a.shape[-1] // d.shape[-1], axis=-1) * a
 
 
 def _shift_to_unsigned(part: tuple[jax.Array, jax.Array, jax.Array | None], qmin: int) -> tuple:
@@ -268,6 +279,26 @@ def _raw(f: GGUFFile, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     return values.view(np.uint8), GGMLQuantizationType.F32
 
 
+def _stack_two_level(parts: list[tuple], order: list[int]) -> dict[str, jax.Array]:
+    """Two-level parts `(q, scale, scale_d, offset, offset_d)` of several layer groups (K-quants of
+    one or more types) -> `{"q", "scale", "scale_d"[, "offset", "offset_d"]}` in layer order:
+    multipliers repeated to the finest group, factors float16 (they are float16 values), zero
+    offsets where a type has none. Every value is unchanged."""
+    groups = max(p[1].shape[-1] for p in parts)
+    with_offset = any(p[3] is not None for p in parts)
+    cols: dict[str, list[jax.Array]] = {k: [] for k in ("q", "scale", "scale_d", "offset", "offset_d")}
+    for q, sc, d, m, dm in parts:
+        reps = groups // sc.shape[-1]
+        cols["q"].append(q)
+        cols["scale"].append(jnp.repeat(sc, reps, axis=-1))
+        cols["scale_d"].append(d.astype(jnp.float16))
+        if with_offset:
+            cols["offset"].append(jnp.zeros_like(cols["scale"][-1]) if m is None else jnp.repeat(m, reps, axis=-1))
+            cols["offset_d"].append(jnp.zeros_like(cols["scale_d"][-1]) if dm is None else dm.astype(jnp.float16))
+    back = jnp.argsort(jnp.array(order))
+    return {k: (v[0] if len(v) == 1 else jnp.concatenate(v)[back]) for k, v in cols.items() if v}
+
+
 def _stack_native(parts: list[tuple[jax.Array, jax.Array, jax.Array | None]], order: list[int]) -> dict[str, jax.Array]:
     """Affine parts of several layer groups -> one `{"q", "scale"[, "offset"]}` in layer order.
 
@@ -306,12 +337,17 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: 
     out: Params = {}
     for path, kind, groups in spec:
         if native and kind in ("kernel", "embedding") and all(t in AFFINE for t, _ in groups):
-            parts = [affine_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])]
             qmin = {**PACKED_QMIN, **FIVE_BIT_QMIN}
             packed = all(t in qmin for t, _ in groups)
-            if packed:
-                parts = [_shift_to_unsigned(part, qmin[t]) for (t, _), part in zip(groups, parts)]
-            stacked = _stack_native(parts, [i for _, layers in groups for i in layers])
+            order = [i for _, layers in groups for i in layers]
+            if all(t in TWO_LEVEL for t, _ in groups):  # K-quants: int8 multipliers of float16 factors
+                # (Q2_K, Q4_K and Q5_K are 0.., Q6_K signed int8: no shift to make)
+                stacked = _stack_two_level([two_level_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])], order)
+            else:
+                parts = [affine_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])]
+                if packed:
+                    parts = [_shift_to_unsigned(part, qmin[t]) for (t, _), part in zip(groups, parts)]
+                stacked = _stack_native(parts, order)
             five = any(t in FIVE_BIT_QMIN for t, _ in groups)
             if five and stacked["q"].shape[-1] // stacked["scale"].shape[-1] != 32:
                 packed = False  # 5-bit planes in groups of 32 only (the kernels'): int8 (0..31) instead
@@ -413,6 +449,8 @@ def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out = dict(flat)
     for base in [k[: -len("/q")] for k in flat if k.endswith("/q")]:
         keys = [f"{base}/{n}" for n in ("scale", "offset") if f"{base}/{n}" in flat]
+        if any(flat[k].dtype != jnp.float32 for k in keys):  # K-quants' int8 multipliers: already small
+            continue
         host = [np.asarray(flat[k]) for k in keys]
         halves = [h.astype(np.float16) for h in host]
         if all(np.array_equal(h.astype(np.float32), x) for h, x in zip(halves, host)):

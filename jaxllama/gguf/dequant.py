@@ -175,6 +175,53 @@ AFFINE: dict[GGMLQuantizationType, Affine] = {
 }
 
 
+# ---- K-quants as two-level affine blocks ----------------------------------------------------------
+# A K-quant's per-group scale is a small integer times a float16 per super-block of 256 values
+# (`d * sc`), and so is its offset (`-(dmin * m)` = `(-dmin) * m`). `TwoLevel` returns q as
+# `Affine` does, with scale and offset as int8 multipliers `[n, groups]` and their float16
+# factors as float32 `[n, 1]`: their products are exactly `Affine`'s float32 scale and offset
+# (a float16 times an integer of at most 8 bits has at most 19 significant bits). The native
+# layout keeps them so, at about the file's size (`convert.py`).
+
+TwoLevel = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]]
+
+
+def _two_level_q2_k(b: jax.Array):
+    q, _, _ = _q2_k(b)
+    scales = b[:, 0:16]
+    return q, _i8(scales & 0x0F), _f16(b[:, 80:82]), _i8(scales >> 4), -_f16(b[:, 82:84])
+
+
+def _two_level_k(b: jax.Array, q: jax.Array):
+    """Q4_K and Q5_K: 6-bit scales and mins per 32 values, float16 d and dmin per block."""
+    sc, mn = _k_scale_min(b[:, 4:16])
+    return q, _i8(sc), _f16(b[:, 0:2]), _i8(mn), -_f16(b[:, 2:4])
+
+
+def _two_level_q6_k(b: jax.Array):
+    q, _, _ = _q6_k(b)
+    return q, lax.bitcast_convert_type(b[:, 192:208], jnp.int8), _f16(b[:, 208:210]), None, None
+
+
+TWO_LEVEL: dict[GGMLQuantizationType, TwoLevel] = {
+    T.Q2_K: _two_level_q2_k,
+    T.Q4_K: lambda b: _two_level_k(b, _q4_k(b)[0]),
+    T.Q5_K: lambda b: _two_level_k(b, _q5_k(b)[0]),
+    T.Q6_K: _two_level_q6_k,
+}
+
+
+def two_level_blocks(raw: jax.Array, ggml_type: GGMLQuantizationType) -> tuple[jax.Array, ...]:
+    """Traceable: uint8 rows `[..., row_bytes]` of a K-quant -> `(q int8 [..., K], scale int8
+    [..., K / sub], scale_d float32 [..., K / 256], offset int8 or None, offset_d float32 or None)`:
+    `affine_blocks`' scale is `scale_d` (repeated per super-block) times `scale`, exactly."""
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    lead, blocks = raw.shape[:-1], raw.shape[-1] // size
+    q, sc, d, m, dm = TWO_LEVEL[ggml_type](raw.reshape(-1, size))
+    shape = lambda a: None if a is None else a.reshape(*lead, blocks * a.shape[-1])  # noqa: E731
+    return q.reshape(*lead, blocks * block), shape(sc), shape(d), shape(m), shape(dm)
+
+
 def _from_affine(affine: Affine) -> Kernel:
     return lambda b: _values(*affine(b))
 

@@ -41,9 +41,9 @@ from jax import lax
 from ..errors import JaxLlamaError
 
 SOURCES = ("gemv.cc", "gemv_body.inc", "attend_body.inc", "dequant_body.inc")
-TARGET = "jaxllama_gemv_v2"
+TARGET = "jaxllama_gemv_v3"
 ATTEND_TARGET = "jaxllama_attend_v1"
-DEQUANT_TARGET = "jaxllama_dequant_v2"
+DEQUANT_TARGET = "jaxllama_dequant_v3"
 #: Compiler flags. -ffp-contract=off: the dequantization rounds a product, then a sum, as pure JAX
 #: does (a fused multiply-add would round once and give other values).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wno-psabi", "-Wno-attributes")
@@ -148,8 +148,9 @@ def isa() -> str:
 
 
 def stacked(leaf: dict, layer: jax.Array | int | None) -> tuple[jax.Array, ...]:
-    """(q, qh, scale, offset, layer index) of a native leaf as the kernel takes them: `[L, N, ...]`
-    arrays (a 2-D leaf becomes one layer) and an int32 `[1]` index; a missing qh or offset is `[L, N, 0]`."""
+    """(q, qh, scale, scale_d, offset, offset_d, layer index) of a native leaf as the kernel takes
+    them: `[L, N, ...]` arrays (a 2-D leaf becomes one layer) and an int32 `[1]` index; a missing
+    array is `[L, N, 0]`."""
     q, scale = leaf["q"], leaf["scale"]
     if layer is None:
         q, scale = q[None], scale[None]
@@ -161,7 +162,8 @@ def stacked(leaf: dict, layer: jax.Array | int | None) -> tuple[jax.Array, ...]:
         return a[None] if layer is None else a
 
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-    return q, optional("qh", jnp.uint8), scale, optional("offset", scale.dtype), index
+    return (q, optional("qh", jnp.uint8), scale, optional("scale_d", jnp.float16), optional("offset", scale.dtype),
+            optional("offset_d", jnp.float16), index)
 
 
 def one_layer(leaf: dict, layer: jax.Array | int | None) -> dict:
@@ -186,9 +188,9 @@ def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -
     pure = lambda: fallback(rows, one_layer(leaf, layer))  # noqa: E731
     if not (rows.shape[0] <= MAX_ROWS and available()):
         return pure()
-    q, qh, scale, offset, index = stacked(leaf, layer)
-    out = jax.ShapeDtypeStruct((rows.shape[0], q.shape[1]), jnp.float32)
-    return _on_cpu(TARGET, out, (rows, q, qh, scale, offset, index), pure)
+    arrays = stacked(leaf, layer)
+    out = jax.ShapeDtypeStruct((rows.shape[0], arrays[0].shape[1]), jnp.float32)
+    return _on_cpu(TARGET, out, (rows, *arrays), pure)
 
 
 def dequant(leaf: dict, layer: jax.Array | int | None, fallback: Callable[[dict], jax.Array]) -> jax.Array:
@@ -200,9 +202,9 @@ def dequant(leaf: dict, layer: jax.Array | int | None, fallback: Callable[[dict]
     pure = lambda: fallback(one_layer(leaf, layer))  # noqa: E731
     if not available():
         return pure()
-    q, qh, scale, offset, index = stacked(leaf, layer)
-    out = jax.ShapeDtypeStruct((q.shape[1], native_width({"q": q})), jnp.float32)
-    return _on_cpu(DEQUANT_TARGET, out, (q, qh, scale, offset, index), pure)
+    arrays = stacked(leaf, layer)
+    out = jax.ShapeDtypeStruct((arrays[0].shape[1], native_width({"q": arrays[0]})), jnp.float32)
+    return _on_cpu(DEQUANT_TARGET, out, arrays, pure)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: jax.Array,

@@ -83,12 +83,15 @@ struct Problem {
   const float* x;       // [M, K]
   const uint8_t* q;     // [N, K] int8, or [N, K / 2] packed
   const uint8_t* qh;    // [N, K / 8]: fifth bits of packed 5-bit values (4 bytes per 32), or null
-  const void* scale;    // [N, G], float32 or float16 (`half`)
+  const void* scale;    // [N, G], float32 or float16 (`half`), or int8 multipliers of scale_d
   const void* offset;   // [N, G] like scale, or null
   float* out;           // [M, N]
   int64_t m, n, k, groups, group;
   bool packed;
   bool half;  // scale and offset are float16 (exactly the values they stand for)
+  const uint16_t* scale_d;   // [N, G / super] float16 factors of int8 scales (K-quants), or null
+  const uint16_t* offset_d;  // [N, G / super] likewise for int8 offsets
+  int64_t super;             // groups per factor (a super-block of 256 values)
 };
 
 struct Attend {
@@ -454,8 +457,8 @@ void parallel_hot(ffi::ThreadPool& pool, int64_t items, int64_t chunk, std::func
 // q, scale and offset hold every layer ([L, N, ...]); `layer_index` picks one, so that XLA passes
 // the stacked arrays as they are instead of copying one layer's slice out for each call.
 ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::AnyBuffer& qh, ffi::AnyBuffer& scale,
-                         ffi::AnyBuffer& offset, ffi::Buffer<ffi::S32>& layer_index, int64_t k,
-                         Problem& prob) {
+                         ffi::AnyBuffer& scale_d, ffi::AnyBuffer& offset, ffi::AnyBuffer& offset_d,
+                         ffi::Buffer<ffi::S32>& layer_index, int64_t k, Problem& prob) {
   const auto qd = q.dimensions(), hd = qh.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
   const std::string name(what);
   if (qd.size() != 3 || hd.size() != 3 || sd.size() != 3 || od.size() != 3)
@@ -477,15 +480,26 @@ ffi::Error layer_problem(const char* what, ffi::AnyBuffer& q, ffi::AnyBuffer& qh
                    hd[2] != k / 8))
     return ffi::Error::InvalidArgument(name + ": qh must be uint8 [L, N, K / 8] beside packed q in groups of 32");
   if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument(name + ": layer index out of range");
-  const bool half = scale.element_type() == ffi::F16;
-  if ((!half && scale.element_type() != ffi::F32) || offset.element_type() != scale.element_type())
-    return ffi::Error::InvalidArgument(name + ": scale and offset must both be float32 or both float16");
-  const int64_t row_bytes = packed ? k / 2 : k, at = layer * n * groups * (half ? 2 : 4);
+  const bool half = scale.element_type() == ffi::F16, two = scale.element_type() == ffi::S8;
+  if ((!half && !two && scale.element_type() != ffi::F32) || offset.element_type() != scale.element_type())
+    return ffi::Error::InvalidArgument(name + ": scale and offset must both be float32, float16 or int8");
+  const auto dd = scale_d.dimensions(), ed = offset_d.dimensions();
+  const int64_t factors = dd.size() == 3 ? dd[2] : 0;
+  if (two != (scale_d.element_count() != 0) || (has_offset && two) != (offset_d.element_count() != 0) ||
+      (two && (scale_d.element_type() != ffi::F16 || dd[0] != layers || dd[1] != n || factors <= 0 ||
+               groups % factors || (has_offset && (offset_d.element_type() != ffi::F16 || ed.size() != 3 ||
+                                                   ed[0] != layers || ed[1] != n || ed[2] != factors)))))
+    return ffi::Error::InvalidArgument(name + ": int8 scales (and offsets) need float16 factors [L, N, G / super]");
+  const int64_t row_bytes = packed ? k / 2 : k, at = layer * n * groups * (two ? 1 : half ? 2 : 4);
+  const int64_t at_d = two ? layer * n * factors : 0;
   prob = Problem{nullptr, static_cast<const uint8_t*>(q.untyped_data()) + layer * n * row_bytes,
                  has_high ? static_cast<const uint8_t*>(qh.untyped_data()) + layer * n * (k / 8) : nullptr,
                  static_cast<const char*>(scale.untyped_data()) + at,
                  has_offset ? static_cast<const char*>(offset.untyped_data()) + at : nullptr,
-                 nullptr, 0, n, k, groups, k / groups, packed, half};
+                 nullptr, 0, n, k, groups, k / groups, packed, half,
+                 two ? static_cast<const uint16_t*>(scale_d.untyped_data()) + at_d : nullptr,
+                 two && has_offset ? static_cast<const uint16_t*>(offset_d.untyped_data()) + at_d : nullptr,
+                 two ? groups / factors : 1};
   return ffi::Error::Success();
 }
 
@@ -497,12 +511,12 @@ int64_t rows_per_item(const Problem& p, ffi::ThreadPool& pool) {
 }
 
 ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::AnyBuffer qh,
-                    ffi::AnyBuffer scale, ffi::AnyBuffer offset,
+                    ffi::AnyBuffer scale, ffi::AnyBuffer scale_d, ffi::AnyBuffer offset, ffi::AnyBuffer offset_d,
                     ffi::Buffer<ffi::S32> layer_index, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("gemv: x must be rank 2");
   Problem prob;
-  if (auto e = layer_problem("gemv", q, qh, scale, offset, layer_index, xd[1], prob); e.failure()) return e;
+  if (auto e = layer_problem("gemv", q, qh, scale, scale_d, offset, offset_d, layer_index, xd[1], prob); e.failure()) return e;
   prob.x = x.typed_data();
   prob.out = out->typed_data();
   prob.m = xd[0];
@@ -513,10 +527,10 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
 // One layer's W [N, K] in float32 (see dequant_body.inc), for products with many rows of x,
 // which XLA's matrix multiplication does best on a built matrix.
 ffi::Error DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer qh, ffi::AnyBuffer scale,
-                       ffi::AnyBuffer offset, ffi::Buffer<ffi::S32> layer_index,
+                       ffi::AnyBuffer scale_d, ffi::AnyBuffer offset, ffi::AnyBuffer offset_d, ffi::Buffer<ffi::S32> layer_index,
                        ffi::ResultBuffer<ffi::F32> out) {
   Problem prob;
-  if (auto e = layer_problem("dequant", q, qh, scale, offset, layer_index, -1, prob); e.failure()) return e;
+  if (auto e = layer_problem("dequant", q, qh, scale, scale_d, offset, offset_d, layer_index, -1, prob); e.failure()) return e;
   prob.out = out->typed_data();
   parallel(pool, prob.n, rows_per_item(prob, pool), [prob](int64_t n0, int64_t n1) { chosen.dequant(prob, n0, n1); });
   return ffi::Error::Success();
@@ -575,12 +589,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaGemv, GemvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllamaDequant, DequantImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

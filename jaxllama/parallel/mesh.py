@@ -82,7 +82,11 @@ def native_block(params: dict) -> int | None:
     layers = params["params"]["layers"]
     from ..gguf.convert import is_packed, native_width
 
-    # a packed q splits in whole units of 32 values (16 bytes)
-    blocks = [max(native_width(layers[n]) // layers[n]["scale"].shape[-1], 32 if is_packed(layers[n]) else 0)
-              for n in ("attn_output", "ffn_down") if isinstance(layers.get(n), dict) and "q" in layers[n]]
+    def block(leaf: dict) -> int:  # a packed q splits in whole units of 32 values (16 bytes), K-quants'
+        by = [native_width(leaf) // leaf["scale"].shape[-1], 32 if is_packed(leaf) else 0]  # factors per 256
+        if "scale_d" in leaf:
+            by.append(native_width(leaf) // leaf["scale_d"].shape[-1])
+        return max(by)
+
+    blocks = [block(layers[n]) for n in ("attn_output", "ffn_down") if isinstance(layers.get(n), dict) and "q" in layers[n]]
     return max(blocks) if blocks else None
