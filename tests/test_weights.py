@@ -103,7 +103,10 @@ def test_quantized_tiny_model_is_native_and_smaller(tiny_factory):
     nbytes = lambda m: sum(x.nbytes for x in jax.tree.leaves(m.params["params"]["layers"]))  # noqa: E731
     assert nbytes(native) < 0.4 * nbytes(f32)
     v = native.params["params"]["layers"]["attn_v"]  # Q4_K, and Q2_K (groups of 16, offsets) in layer 1
-    assert set(v) == {"q", "scale", "offset"} and v["scale"].shape[-1] == 256 // 16
+    # K-quants keep GGUF's two levels: int8 multipliers per group, a float16 factor per 256 values
+    assert set(v) == {"q", "scale", "scale_d", "offset", "offset_d"} and v["scale"].shape[-1] == 256 // 16
+    assert v["scale"].dtype == v["offset"].dtype == jnp.int8 and v["scale_d"].dtype == jnp.float16
+    assert v["scale_d"].shape[-1] == v["offset_d"].shape[-1] == 1
     assert v["q"].dtype == jnp.uint8  # both 4-bit at most: packed two per byte
     assert native.params["params"]["layers"]["ffn_down"]["q"].dtype == jnp.int8  # has Q6_K layers: int8
 
@@ -168,12 +171,17 @@ def test_one_row_product_never_builds_the_float32_matrix(default_model):
         assert kernel_counts(short)["jaxllama_gemv"] >= 8 and kernel_counts(short)["jaxllama_dequant"] == 0
         assert not any(shape in short for shape in ("f32[576,576]", "f32[1536,576]", "f32[576,1536]"))
     # generation's prefill asks for each row's last logits only: B rows through the output matrix,
-    # so the float32 vocabulary matrix is not built; for every position (the control) it is
+    # so no float32 vocabulary matrix is built; for every position (the control) it is, a slice of
+    # `DEQUANT_BYTES` at a time (see test_large_matrices_are_multiplied_a_slice_at_a_time)
+    import jaxllama.model as model
+
+    per = max(256, model.DEQUANT_BYTES // (4 * 576) // 256 * 256)
     for last_only, built in ((True, False), (False, True)):
         text = unfused(jax.jit(forward_step, static_argnames=("config", "last_only")).lower(
             m.params, jnp.zeros((1, many), jnp.int32), init_cache(m.config, 1, many), jnp.int32(0),
             jnp.zeros(1, jnp.int32), m.config, last_only=last_only).compile().as_text())
-        assert ("f32[49152,576]" in text) == built
+        assert "f32[49152,576]" not in text
+        assert (f"f32[{per},576]" in text) == built
     leaf = {k: v[0] for k, v in m.params["params"]["layers"]["ffn_up"].items()}  # [1536, 576], with offsets
     for rows, built in ((1, False), (2, True)):  # XLA's own form; the control: with two rows the matrix is built
         text = unfused(jax.jit(xla_native_dense).lower(jnp.zeros((rows, 576)), leaf).compile().as_text())
