@@ -80,7 +80,7 @@ def test_q4_k_m_agrees_in_distribution(gemma3_gguf, prompts):
     model = jaxllama.load(gemma3_gguf)
     with LlamaCpp(gemma3_gguf, n_ctx=1024) as ref:
         agree, kls = [], []
-        for tokens in prompts.values():
+        for tokens in (prompts["chat"], prompts["long"][:640]):  # past the 512-token window, ~2/3 of the cost
             want, got = ref.logits(tokens), model.logits(tokens)
             agree.append(np.mean(got.argmax(-1) == want.argmax(-1)))
             kls.append(_kl(want, got))

@@ -67,10 +67,12 @@ def test_perplexity_f32_ctx1024(f32_gguf, model_f32, text):
 
 
 def test_llamacpp_perplexity_is_the_same_method(f32_gguf, text):
-    """The library's llama.cpp path (`perplexity --llamacpp`, several chunks per decode) gives the same."""
-    want, want_nll, _ = llamacpp_method(f32_gguf, text, 64, chunks=6)
-    got = llamacpp_perplexity(f32_gguf, text, ctx=64, chunks=6, n_seq=4)
-    assert got.nll.shape == want_nll.shape and abs(got.ppl / want - 1) <= 1e-5
+    """The library's llama.cpp path (`perplexity --llamacpp`, several chunks per decode, 63 scored
+    positions per chunk taken to float64 in slabs of 32) gives the same."""
+    want, want_nll, _ = llamacpp_method(f32_gguf, text, 128, chunks=6)
+    got = llamacpp_perplexity(f32_gguf, text, ctx=128, chunks=6, n_seq=4)
+    assert got.nll.shape == want_nll.shape == (6, 63) and abs(got.ppl / want - 1) <= 1e-5
+    assert np.abs(got.nll - want_nll).max() <= 1e-9  # the same float64 arithmetic on the same logits
 
 
 def test_kl_against_llamacpp_on_the_same_file(f32_gguf, model_f32, text):

@@ -33,7 +33,6 @@ from ..parallel.distributed import gather_rows
 from .perplexity import Chunks, Progress, plan_share
 
 SAVED_FORMAT = "jaxllama-base-logprobs-1"
-LOG_SOFTMAX_ROWS = 32  # positions of llama.cpp's logits taken to float64 at once (39 MB at a 152k vocabulary)
 
 
 def vocab_digest(tokens: Sequence[str]) -> str:
@@ -88,7 +87,7 @@ class LlamaCppBase:
         self._chunks = None
 
     def logprobs(self, b: Batch, first: int) -> Any:
-        from .llamacpp import LlamaCppChunks, log_softmax64
+        from .llamacpp import LOG_SOFTMAX_ROWS, LlamaCppChunks, log_softmax64
 
         ctx = b.tokens.shape[1]
         if self._chunks is None:
@@ -99,7 +98,8 @@ class LlamaCppBase:
             if i >= 0:
                 logits = self._chunks.logits(b.tokens[j: j + 1])[0]
                 for p0 in range(0, len(logits), LOG_SOFTMAX_ROWS):  # float64 a slab of positions at a time
-                    out[j, p0: p0 + LOG_SOFTMAX_ROWS] = log_softmax64(logits[p0: p0 + LOG_SOFTMAX_ROWS])
+                    p1 = min(len(logits), p0 + LOG_SOFTMAX_ROWS)
+                    out[j, p0: p1] = log_softmax64(logits[p0: p1])
                 del logits
         return jnp.asarray(out)
 

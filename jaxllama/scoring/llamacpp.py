@@ -19,6 +19,8 @@ import numpy as np
 from .buckets import RunStats
 from .perplexity import BATCH_TOKENS, Perplexity, Progress, check_ctx, chunk_rows, ppl_and_err
 
+LOG_SOFTMAX_ROWS = 32  # positions of llama.cpp's logits taken to float64 at once (39 MB at a 152k vocabulary)
+
 
 def log_softmax64(logits: np.ndarray) -> np.ndarray:
     """log-softmax over the last axis in float64."""
@@ -45,6 +47,18 @@ class LlamaCppChunks:
         """llama.cpp's ids for the text, with add_special (as llama-perplexity tokenizes)."""
         return self.ref.tokenize(text, add_special=True, parse_special=False)
 
+    def _decode(self, group: np.ndarray) -> None:
+        """Run up to `n_seq` chunks `[b, ctx]`, one sequence each, asking logits from ctx/2 on."""
+        first = self.ctx // 2
+        self.ref.clear()
+        toks, pos, seqs, want = [], [], [], []
+        for s, chunk in enumerate(group):
+            toks += [int(t) for t in chunk]
+            pos += range(self.ctx)
+            seqs += [s] * self.ctx
+            want += [p >= first for p in range(self.ctx)]  # as llama-perplexity asks
+        self.ref.decode(toks, pos, seqs, want)
+
     def logits(self, chunks: np.ndarray) -> np.ndarray:
         """float32 logits `[b, ctx - 1 - ctx/2, vocab]` at the scored positions of each chunk `[b, ctx]`
         (first tokens already as they should be run, e.g. BOS)."""
@@ -52,17 +66,28 @@ class LlamaCppChunks:
         out = np.empty((len(chunks), self.ctx - 1 - first, self.n_vocab), np.float32)
         for s0 in range(0, len(chunks), self.n_seq):
             group = chunks[s0: s0 + self.n_seq]
-            self.ref.clear()
-            toks, pos, seqs, want = [], [], [], []
-            for s, chunk in enumerate(group):
-                toks += [int(t) for t in chunk]
-                pos += range(self.ctx)
-                seqs += [s] * self.ctx
-                want += [p >= first for p in range(self.ctx)]  # as llama-perplexity asks
-            self.ref.decode(toks, pos, seqs, want)
+            self._decode(group)
             for s in range(len(group)):
                 for k in range(self.ctx - 1 - first):
                     out[s0 + s, k] = self.ref.output_logits(s * self.ctx + first + k)  # by batch entry
+        return out
+
+    def nll(self, chunks: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Negative log-likelihoods `[b, ctx - 1 - ctx/2]` of `targets` at the scored positions,
+        from float64 log-softmax of llama.cpp's logits taken `LOG_SOFTMAX_ROWS` positions at a
+        time: no `[positions, vocab]` array of the whole chunk is held (1.2 GB at ctx 2,048 and a
+        152k vocabulary)."""
+        first, n = self.ctx // 2, self.ctx - 1 - self.ctx // 2
+        out = np.empty((len(chunks), n), np.float64)
+        for s0 in range(0, len(chunks), self.n_seq):
+            group = chunks[s0: s0 + self.n_seq]
+            self._decode(group)
+            for s in range(len(group)):
+                for p0 in range(0, n, LOG_SOFTMAX_ROWS):
+                    ks = range(p0, min(n, p0 + LOG_SOFTMAX_ROWS))
+                    slab = np.stack([self.ref.output_logits(s * self.ctx + first + k) for k in ks])
+                    lp = log_softmax64(slab)
+                    out[s0 + s, p0: p0 + len(ks)] = -lp[np.arange(len(ks)), targets[s0 + s, p0: p0 + len(ks)]]
         return out
 
     def close(self) -> None:
@@ -86,10 +111,7 @@ def llamacpp_perplexity(path: str | os.PathLike, text: str | Sequence[int], ctx:
         t1 = time.perf_counter()
         for s0 in range(0, len(rows), lc.n_seq):
             group = rows[s0: s0 + lc.n_seq]
-            logits = lc.logits(np.stack([r.tokens for r in group]))
-            for j, r in enumerate(group):
-                lp = log_softmax64(logits[j])
-                nll[s0 + j] = -lp[np.arange(len(r.targets)), r.targets]
+            nll[s0: s0 + len(group)] = lc.nll(np.stack([r.tokens for r in group]), np.stack([r.targets for r in group]))
             if progress is not None:
                 done = s0 + len(group)
                 progress(done, len(rows), math.exp(nll[:done].mean()))
