@@ -54,8 +54,9 @@ CHILD = textwrap.dedent("""
     for bits, group, offset, kind in itertools.product((8, 4, 5), (16, 32), (False, True), ("f32", "f16", "two")):
         if bits == 5 and group == 16:
             continue
-        ks = {"f32": (576,), "f16": (576, 2304), "two": (768, 2304)}[kind]  # two levels: whole 256-value blocks
-        for m, k in itertools.product((1, 2, 3, 4, 5, 8, 16, 32, 33), ks):
+        ks = {"f32": (576,), "f16": (576, 2304), "two": (2304,)}[kind]  # two levels: whole 256-value blocks
+        # rows: one, passes of up to 8 rows (3; 8; 8 + 5; four of 8) and 33, past the kernel's 32
+        for m, k in itertools.product((1, 3, 8, 13, 32, 33), ks):
             n = 203  # k 2304: 72 or 144 groups, more than one segment of float16 scales
             q = rng.integers(-128 if bits == 8 else 0, 2 ** min(bits, 7), (n, k)).astype(np.int8)
             leaf = {"q": jnp.asarray(q)}
