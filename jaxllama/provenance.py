@@ -19,7 +19,8 @@ def _version(dist: str) -> str | None:
 def provenance(model: Any, tokens: list[int] | None = None, **settings: Any) -> dict[str, Any]:
     """Model file and hash, config, dtype, tokens, settings, library versions and backend."""
     return {
-        "model": {"path": str(model.source), "sha256": model.sha256, "dtype": model.dtype},
+        "model": {"path": str(model.source), "sha256": model.sha256, "dtype": model.dtype,
+                  "act_quant": getattr(model, "act_quant", None) is not None},
         "config": model.config.to_dict(),
         "tokens": tokens,
         "settings": settings,

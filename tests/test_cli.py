@@ -58,6 +58,25 @@ def test_logits_default_model(tmp_path, default_model):
     np.testing.assert_array_equal(np.load(out), default_model.logits([1, 2, 3]))
 
 
+def test_act_quant_on_logits_trace_and_generate(tmp_path, default_model):
+    """`--act-quant` on every command that computes logits: the API's emulated numbers, recorded
+    in the `reproduce` block."""
+    out = tmp_path / "aq.npy"
+    done = run("logits", "--tokens", "1,2,3,4,5,6", "--out", out, "--act-quant")
+    assert done.returncode == 0, done.stderr
+    want = default_model.with_act_quant().logits([1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(np.load(out), want)
+    assert not np.array_equal(want, default_model.logits([1, 2, 3, 4, 5, 6]))  # the emulation changes them
+    done = run("trace", "--tokens", "1,2,3", "--probes", "l_out", "--layers", "0", "--json", "--act-quant")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["reproduce"]["model"]["act_quant"] is True
+    done = run("generate", "--tokens", "1,2,3", "--max-new-tokens", "4", "--temperature", "0", "--json", "--act-quant")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["reproduce"]["model"]["act_quant"] is True
+    assert got["tokens"] == jaxllama.generate(default_model.with_act_quant(), [[1, 2, 3]], 4).tokens[0]
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--weights", "--dtype", dest="weights", default="auto", choices=WEIGHT_CHOICES,
                     help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     add_mesh_arg(lg)
+    _act_quant_arg(lg)
     tr = sub.add_parser("trace", help="statistics of every probe at every layer (rms, min, max, mean, NaN/Inf)")
     _model_arg(tr)
     _input_args(tr)
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="print {\"records\": [...], \"reproduce\": {...}}")
     tr.add_argument("--plot", metavar="FILE.png", help="save a plot of rms across layers")
     add_mesh_arg(tr)
+    _act_quant_arg(tr)
 
     cp = sub.add_parser("compare", help="compare every probe with llama.cpp's tensors; report the first divergence")
     _model_arg(cp)
@@ -82,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print tokens, text, speeds and settings as JSON")
     add_mesh_arg(gen)
+    _act_quant_arg(gen)
 
     chat = sub.add_parser("chat", help="an interactive conversation using the file's chat template")
     _model_arg(chat)
@@ -339,10 +342,16 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _act_quant_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-quant", action="store_true",
+                   help="emulate llama.cpp's activation quantization (its 8-bit inputs to quantized products)")
+
+
 def _load_model(args: argparse.Namespace) -> Any:
     from ..loader import load
 
-    return load(_model_path(args.model), weights=args.weights, mesh=mesh_of(args))
+    model = load(_model_path(args.model), weights=args.weights, mesh=mesh_of(args))
+    return model.with_act_quant() if getattr(args, "act_quant", False) else model
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
