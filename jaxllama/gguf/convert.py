@@ -384,12 +384,15 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, weights: str = "float32") -> P
     # One leaf at a time, small ones together: only one large leaf's raw bytes (read from the
     # memory-mapped file) and temporaries exist next to the converted leaves, so a load's peak
     # memory is the converted model plus about one leaf, not twice the file.
+    # A file under STREAM_ABOVE is converted by one program (fewer compilations: the default
+    # model's process then holds ~30 MB less after its load).
+    stream = sum(t.nbytes for t in f.tensors.values()) > STREAM_ABOVE
     flat: dict[str, jax.Array] = {}
     spec, raws, pending = [], {}, 0
     for n, (path, names) in enumerate(by_path.items()):
         decoded = [_raw(f, name) for name in names]
         key = "/".join(path)  # jit needs string keys in pytrees: key the inputs by the joined path
-        if path[0] != "layers" and decoded[0][0].nbytes > CONVERT_BYTES * 4:  # an embedding, an output matrix
+        if stream and path[0] != "layers" and decoded[0][0].nbytes > CONVERT_BYTES * 4:  # an embedding, an output matrix
             flat.update(half_scales(_convert_rows(key, path[-1], *decoded[0], target, layout == "native")))
             f.release_pages()
             trim_heap()
@@ -403,7 +406,7 @@ def params_from_gguf(f: GGUFFile, c: LlamaConfig, weights: str = "float32") -> P
             spec.append((key, path[-1], tuple((t, tuple(idx)) for t, idx in by_type.items())))
             raws[key] = [np.stack([decoded[i][0] for i in idx]) for idx in by_type.values()]
         pending += sum(r.nbytes for r in raws.get(key, []))
-        if spec and (pending >= CONVERT_BYTES or n == len(by_path) - 1):
+        if spec and ((stream and pending >= CONVERT_BYTES) or n == len(by_path) - 1):
             flat.update(half_scales(_convert(raws, tuple(spec), target, layout == "native")))
             spec, raws, pending = [], {}, 0
             jax.block_until_ready(flat)
@@ -424,6 +427,7 @@ def trim_heap() -> None:
 
 
 CONVERT_BYTES = 8 << 20  # leaves converted by one program: at least this many raw bytes (fewer compilations)
+STREAM_ABOVE = 256 << 20  # files with more tensor bytes are converted leaf by leaf
 
 
 def _convert_rows(key: str, kind: str, raw: np.ndarray, ggml_type: GGMLQuantizationType, dtype: Any,
@@ -437,9 +441,11 @@ def _convert_rows(key: str, kind: str, raw: np.ndarray, ggml_type: GGMLQuantizat
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v))
         del out
-    if kind == "kernel" and not native:  # a float kernel is [in, out]: its slices are columns
-        return {k: jnp.asarray(np.concatenate(v, axis=-1)) for k, v in parts.items()}
-    return {k: jnp.asarray(np.concatenate(v)) for k, v in parts.items()}
+    axis = -1 if kind == "kernel" and not native else 0  # a float kernel is [in, out]: its slices are columns
+    out = {}
+    for k in list(parts):  # each copy done before the next is assembled: one host copy at a time
+        out[k] = jax.block_until_ready(jnp.asarray(np.concatenate(parts.pop(k), axis=axis)))
+    return out
 
 
 def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
