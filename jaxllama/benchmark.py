@@ -84,17 +84,14 @@ def kernel_table(model: Any) -> list[dict[str, Any]]:
     to `kernels.MAX_ROWS` rows through `gemv` (this CPU's `isa`), longer prompts and scoring
     through `dequant` + XLA's matrix product; "xla" where no kernel is built (or off CPU)."""
     from . import kernels
-    from .gguf.convert import MATRICES
+    from .gguf.convert import MATRICES, matrix_tensors
 
     p = model.params["params"]
     isa = kernels.isa()
     rows = []
     for short in MATRICES:
         leaf = p["layers"].get(short) if short != "output" else (p.get("output") or p["token_embd"])
-        if short == "output":
-            names = ["output.weight" if "output.weight" in model.tensor_types else "token_embd.weight"]
-        else:
-            names = [f"blk.{i}.{short}.weight" for i in range(model.config.n_layer)]
+        names = matrix_tensors(short, model.config.n_layer, model.tensor_types)
         types = sorted({model.tensor_types[n] for n in names})
         if not isinstance(leaf, dict) or "q" not in leaf:
             rows.append({"matrix": short, "gguf_types": types, "layout": "float32", "decode": "xla", "prompt": "xla"})
@@ -290,13 +287,9 @@ def bench_memory(path: Path) -> dict[str, Any]:
 SCORE_TEXT = "/usr/share/common-licenses/GPL-3"
 
 
-def _score_text(n_tokens: int, tokenize: Callable[[str], list[int]]) -> list[int]:
-    """`n_tokens` ids of the GPL text (repeated as often as it takes), for the memory section's scoring."""
-    text = Path(SCORE_TEXT).read_text() if Path(SCORE_TEXT).is_file() else CHAT * 400
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids += tokenize(text)
-    return ids[:n_tokens]
+def _score_text() -> str:
+    """The memory section's scoring text: the GPL twice (over 4,096 tokens with any tokenizer here)."""
+    return 2 * (Path(SCORE_TEXT).read_text() if Path(SCORE_TEXT).is_file() else CHAT * 400)
 
 
 def bench_latency(path: Path, repeats: int) -> dict[str, Any]:
@@ -382,14 +375,11 @@ def _child_main(what: str, layout: str, path: Path) -> None:
     if what == "llama_cpp_score":  # llama.cpp's perplexity over 2 chunks of ctx min(2048, context)
         from .gguf.config import LlamaConfig
         from .gguf.reader import read_gguf
-        from .scoring.llamacpp import LlamaCppChunks, llamacpp_perplexity
+        from .scoring.llamacpp import llamacpp_perplexity
 
         ctx = min(2048, LlamaConfig.from_gguf(read_gguf(path)).context_length)
         base = peak_rss_mb("VmRSS")
-        tok = LlamaCppChunks(path, 4, n_seq=1)
-        ids = _score_text(2 * ctx, lambda t: tok.tokenize(t))
-        tok.close()
-        llamacpp_perplexity(path, ids, ctx, n_seq=1)
+        llamacpp_perplexity(path, _score_text(), ctx, chunks=2, n_seq=1)
         print(json.dumps({"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base, "ctx": ctx}))
         return
     if what == "llama_cpp_decode":  # llama-cpp-python: RSS once imported, then the peak of a 64-token answer
@@ -411,9 +401,8 @@ def _child_main(what: str, layout: str, path: Path) -> None:
 
         model = jaxllama.load(path, weights=layout)
         ctx = min(2048, model.config.context_length)
-        ids = _score_text(2 * ctx, lambda t: model.tokenizer.encode(t, add_special=False))
         out["after_load_rss_mb"] = peak_rss_mb("VmRSS")
-        perplexity(model, ids, ctx=ctx)
+        perplexity(model, _score_text(), ctx=ctx, chunks=2)
         out["ctx"] = ctx
     if what in ("load", "decode"):
         model = jaxllama.load(path, weights=layout)

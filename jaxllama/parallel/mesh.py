@@ -82,8 +82,9 @@ def native_block(params: dict) -> int | None:
     layers = params["params"]["layers"]
     from ..gguf.convert import is_packed, native_width
 
-    def block(leaf: dict) -> int:  # a packed q splits in whole units of 32 values (16 bytes), K-quants'
-        by = [native_width(leaf) // leaf["scale"].shape[-1], 32 if is_packed(leaf) else 0]  # factors per 256
+    def block(leaf: dict) -> int:
+        # its group; a packed q splits in whole units of 32 values (16 bytes); K-quants' factors per 256
+        by = [native_width(leaf) // leaf["scale"].shape[-1], 32 if is_packed(leaf) else 0]
         if "scale_d" in leaf:
             by.append(native_width(leaf) // leaf["scale_d"].shape[-1])
         return max(by)

@@ -87,20 +87,17 @@ class LlamaCppBase:
         self._chunks = None
 
     def logprobs(self, b: Batch, first: int) -> Any:
-        from .llamacpp import LOG_SOFTMAX_ROWS, LlamaCppChunks, log_softmax64
+        from .llamacpp import LlamaCppChunks
 
         ctx = b.tokens.shape[1]
         if self._chunks is None:
             self._chunks = LlamaCppChunks(self.path, ctx, n_seq=1, n_threads=self.n_threads,
                                           bit_close=self.bit_close)
         out = np.zeros((*b.at.shape, self._chunks.n_vocab), np.float32)
-        for j, i in enumerate(b.rows):  # one chunk at a time: its logits are the only other [N, vocab] array
+        for j, i in enumerate(b.rows):  # one chunk at a time, its log-probs a slab of positions at a time
             if i >= 0:
-                logits = self._chunks.logits(b.tokens[j: j + 1])[0]
-                for p0 in range(0, len(logits), LOG_SOFTMAX_ROWS):  # float64 a slab of positions at a time
-                    p1 = min(len(logits), p0 + LOG_SOFTMAX_ROWS)
-                    out[j, p0: p1] = log_softmax64(logits[p0: p1])
-                del logits
+                for p0, lp in self._chunks.logprob_slabs(b.tokens[j]):
+                    out[j, p0: p0 + len(lp)] = lp
         return jnp.asarray(out)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -59,35 +59,30 @@ class LlamaCppChunks:
             want += [p >= first for p in range(self.ctx)]  # as llama-perplexity asks
         self.ref.decode(toks, pos, seqs, want)
 
-    def logits(self, chunks: np.ndarray) -> np.ndarray:
-        """float32 logits `[b, ctx - 1 - ctx/2, vocab]` at the scored positions of each chunk `[b, ctx]`
-        (first tokens already as they should be run, e.g. BOS)."""
-        first = self.ctx // 2
-        out = np.empty((len(chunks), self.ctx - 1 - first, self.n_vocab), np.float32)
-        for s0 in range(0, len(chunks), self.n_seq):
-            group = chunks[s0: s0 + self.n_seq]
-            self._decode(group)
-            for s in range(len(group)):
-                for k in range(self.ctx - 1 - first):
-                    out[s0 + s, k] = self.ref.output_logits(s * self.ctx + first + k)  # by batch entry
-        return out
+    def _slabs(self, s: int) -> Iterator[tuple[int, np.ndarray]]:
+        """`(p0, float64 log-softmax [n, vocab])` of sequence s of the last decode's scored positions
+        p0..p0+n, `LOG_SOFTMAX_ROWS` at a time: no `[positions, vocab]` array of a whole chunk is
+        held (1.2 GB at ctx 2,048 and a 152k vocabulary)."""
+        first, n = self.ctx // 2, self.ctx - 1 - self.ctx // 2
+        for p0 in range(0, n, LOG_SOFTMAX_ROWS):
+            ks = range(p0, min(n, p0 + LOG_SOFTMAX_ROWS))
+            yield p0, log_softmax64(np.stack([self.ref.output_logits(s * self.ctx + first + k) for k in ks]))
+
+    def logprob_slabs(self, chunk: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Run one chunk `[ctx]` (first token already as it should be run) and yield its `_slabs`."""
+        self._decode(chunk[None])
+        yield from self._slabs(0)
 
     def nll(self, chunks: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Negative log-likelihoods `[b, ctx - 1 - ctx/2]` of `targets` at the scored positions,
-        from float64 log-softmax of llama.cpp's logits taken `LOG_SOFTMAX_ROWS` positions at a
-        time: no `[positions, vocab]` array of the whole chunk is held (1.2 GB at ctx 2,048 and a
-        152k vocabulary)."""
-        first, n = self.ctx // 2, self.ctx - 1 - self.ctx // 2
-        out = np.empty((len(chunks), n), np.float64)
+        """Negative log-likelihoods `[b, ctx - 1 - ctx/2]` (float64) of `targets` at the scored
+        positions of chunks `[b, ctx]`, `n_seq` chunks per decode."""
+        out = np.empty(targets.shape, np.float64)
         for s0 in range(0, len(chunks), self.n_seq):
             group = chunks[s0: s0 + self.n_seq]
             self._decode(group)
             for s in range(len(group)):
-                for p0 in range(0, n, LOG_SOFTMAX_ROWS):
-                    ks = range(p0, min(n, p0 + LOG_SOFTMAX_ROWS))
-                    slab = np.stack([self.ref.output_logits(s * self.ctx + first + k) for k in ks])
-                    lp = log_softmax64(slab)
-                    out[s0 + s, p0: p0 + len(ks)] = -lp[np.arange(len(ks)), targets[s0 + s, p0: p0 + len(ks)]]
+                for p0, lp in self._slabs(s):
+                    out[s0 + s, p0: p0 + len(lp)] = -lp[np.arange(len(lp)), targets[s0 + s, p0: p0 + len(lp)]]
         return out
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from ..errors import GGUFFormatError, UnsupportedModelError
-from ..gguf.convert import MATRICES
+from ..gguf.convert import MATRICES, matrix_tensors
 from ..gguf.default_model import sha256_file
 from ..gguf.reader import GGUFFile, read_gguf
 
@@ -103,11 +103,11 @@ def with_block_mins(params: dict, f: GGUFFile, plan: tuple[tuple[str, str | None
     for short, kind in plan:
         if kind != "q8_1":
             continue
+        names = matrix_tensors(short, n_layer, f.tensors)
         if short == "output":
-            name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+            (name,) = names
             p["output"] = {**p.get("output", {}), "mins": jnp.asarray(block_mins(f.raw(name), f.tensors[name].ggml_type))}
             continue
-        names = [f"blk.{i}.{short}.weight" for i in range(n_layer)]
         mins = np.stack([block_mins(f.raw(n), f.tensors[n].ggml_type) for n in names])
         layers[short] = {**layers[short], "mins": jnp.asarray(mins)}
     p["layers"] = layers
@@ -149,10 +149,7 @@ def act_quant_plan(tensor_types: Mapping[str, str], n_layer: int, activation: st
     """
     plan = []
     for short in MATRICES:
-        if short == "output":
-            names = ["output.weight" if "output.weight" in tensor_types else "token_embd.weight"]
-        else:
-            names = [f"blk.{i}.{short}.weight" for i in range(n_layer)]
+        names = matrix_tensors(short, n_layer, tensor_types)
         kinds = {VEC_DOT_TYPE.get(T[tensor_types[n]], "unknown") for n in names}
         if len(kinds) != 1 or "unknown" in kinds:
             raise UnsupportedModelError(
