@@ -10,6 +10,7 @@ matrix products use full float32 precision on every backend.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -176,8 +177,19 @@ def materialized(x: jax.Array, data: jax.Array) -> jax.Array:
     return lax.cond(jnp.min(data) >= -1, lambda v: v, jnp.zeros_like, x)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, as ggml_rms_norm followed by ggml_mul."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ggml: bool = False) -> jax.Array:
+    """RMSNorm over the last axis, as ggml_rms_norm followed by ggml_mul.
+
+    `ggml=True` rounds as llama.cpp's CPU backend does: float32 squares summed in float64,
+    the mean rounded to float32, `1/sqrtf(mean + eps)`, then `(x * s) * scale`. Bit-exact
+    inputs matter where activations are quantized next (`actquant`): an ulp moves a q8 rounding.
+    """
+    if ggml:  # barriers keep XLA from rewriting `/ n` as `* (1/n)` and `1/sqrt` as an rsqrt
+        with jax.enable_x64(True):
+            total = jnp.sum(jnp.square(x).astype(jnp.float64), axis=-1, keepdims=True)
+            mean_sq = (total / lax.optimization_barrier(jnp.float64(x.shape[-1]))).astype(jnp.float32)
+        root = lax.optimization_barrier(jnp.sqrt(mean_sq + np.float32(eps)))
+        return (x * (1.0 / root)) * scale.astype(jnp.float32)
     mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     return x * lax.rsqrt(mean_sq + eps) * scale.astype(jnp.float32)
 
@@ -379,6 +391,7 @@ def block(
     residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
+    norm = partial(rms_norm, ggml=aq.get("norm") == "ggml")
 
     def mm(name: str, h: jax.Array) -> jax.Array:
         return project(h, p[name], aq.get(name))
@@ -388,11 +401,11 @@ def block(
 
     def rope(name: str, y: jax.Array) -> jax.Array:
         if c.qk_norm:  # per-head RMSNorm before RoPE (Qwen3, Gemma 3)
-            y = tap(f"{name}_normed", rms_norm(y, p[f"attn_{name[0].lower()}_norm"]["scale"], c.rms_eps))
+            y = tap(f"{name}_normed", norm(y, p[f"attn_{name[0].lower()}_norm"]["scale"], c.rms_eps))
         return tap(name, apply_rope(y, rot, c.rope_dim, c.rope_neox))
 
     b, t, _ = x.shape
-    h = tap("attn_norm", rms_norm(x, p["attn_norm"]["scale"], c.rms_eps))
+    h = tap("attn_norm", norm(x, p["attn_norm"]["scale"], c.rms_eps))
     q = rope("Qcur", heads("attn_q", h, c.n_head))
     k = rope("Kcur", heads("attn_k", h, c.n_head_kv))
     v = tap("Vcur", heads("attn_v", h, c.n_head_kv))
@@ -406,10 +419,10 @@ def block(
     a = tap("kqv_out", materialized(attention(q, k, v, vis, c, layer=layer, kernel=kernel), vis.q_slot))
     o = mm("attn_output", a)
     if c.post_norms:  # Gemma's sandwich: normalise the branch before the residual add
-        x = tap("sa_out", x + tap("attn_post_norm", rms_norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
+        x = tap("sa_out", x + tap("attn_post_norm", norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
     else:
         x = tap("ffn_inp", x + tap("attn_out", o))
-    h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
+    h = tap("ffn_norm", norm(x, p["ffn_norm"]["scale"], c.rms_eps))
     gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
     if c.activation == "gelu_tanh":
         gelu = ggml_gelu if aq.get("gelu") == "ggml_f16" else gelu_tanh
@@ -418,7 +431,7 @@ def block(
         g = tap("ffn_swiglu", jax.nn.silu(gate) * up)
     f = tap("ffn_out", mm("ffn_down", g))
     if c.post_norms:
-        f = tap("ffn_post_norm", rms_norm(f, p["post_ffw_norm"]["scale"], c.rms_eps))
+        f = tap("ffn_post_norm", norm(f, p["post_ffw_norm"]["scale"], c.rms_eps))
     return tap("l_out", x + f), cache
 
 
@@ -438,7 +451,7 @@ def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> ja
 
 def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
     """Final RMSNorm and output projection (the embedding, transposed, when tied): logits."""
-    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
+    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps, aq.get("norm") == "ggml"))
     leaf = dict(p.get("output", {}))
     if c.tied_output:
         embd = p["token_embd"]

@@ -14,7 +14,7 @@ import pytest
 
 import jaxllama
 from jaxllama.generation import generate
-from jaxllama.reference import LlamaCpp
+from jaxllama.reference import LlamaCpp, capture
 from jaxllama.scoring import perplexity
 from test_parity_llamacpp import _kl
 from test_tokenizer_live import CORPUS
@@ -181,3 +181,66 @@ def test_every_matrix_type_has_a_native_kernel_path(qwen):
     for r in rows:
         assert r["layout"] in ("5-bit", "8-bit") and r["decode"] == f"gemv ({kernels.isa()})", r
         assert (r["layout"] == "5-bit") == (r["gguf_types"] == ["Q5_0"]), r
+
+
+
+def _captured(path, tokens, names):
+    """llama.cpp's tensors `names` for `tokens`, one row per token."""
+    tensors, _, _ = capture(path, tokens, keep=lambda n: n in names)
+    return [tensors[n].reshape(len(tokens), -1) for n in names]
+
+
+def _reorder_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per output, how far one float32 evaluation of `x @ w.T` may be from the exact sum: γ_{K+2}
+    Σ|x_j w_j| (Higham 3.1; K sums and up to two roundings per term: a block's scale product
+    and the product itself)."""
+    u = np.finfo(np.float32).eps / 2
+    k = x.shape[-1] + 2
+    return k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+
+
+@pytest.mark.parametrize("layer,short,inp,out", [
+    (0, "attn_v", "attn_norm", "Vcur"),        # Q8_0 weights, q8_0 activations
+    (5, "attn_v", "attn_norm", "Vcur"),        # Q5_0, q8_0
+    (0, "ffn_gate", "ffn_norm", "ffn_gate"),   # Q5_0 on 4864 rows
+    (0, "ffn_down", "ffn_swiglu", "ffn_out"),  # Q6_K, q8_K
+    (5, "ffn_down", "ffn_swiglu", "ffn_out"),  # Q4_K, q8_K (repacked by llama.cpp on x86)
+])
+def test_act_quant_products_are_llamacpps_given_its_inputs(qwen, qwen_gguf, layer, short, inp, out):
+    """Fed llama.cpp's own input, the emulated product is llama.cpp's for every weight type in the
+    file, within what two float32 summation orders allow (ours and llama.cpp's, per output, from
+    the arithmetic); the plain product is not. Over a whole model the emulation cannot hold:
+    any ulp of difference upstream moves some q8 roundings (see README, "Activation quantization")."""
+    from gguf import quants
+    from jaxllama.gguf.convert import matrix_tensors
+    from jaxllama.model import project
+    from jaxllama.tracing.actquant import fake_quant
+
+    tokens = qwen.tokenizer.encode(TEXTS[2])[:48]
+    x, want = _captured(qwen_gguf, tokens, (f"{inp}-{layer}", f"{out}-{layer}"))
+    f = jaxllama.read_gguf(qwen_gguf)
+    name = matrix_tensors(short, qwen.config.n_layer, f.tensors)[layer]
+    w = quants.dequantize(f.raw(name), f.tensors[name].ggml_type).reshape(want.shape[-1], -1)
+    emulated = qwen.with_act_quant(True)
+    kind = dict(emulated.act_quant)[short]
+    leaf = {k: v[layer] for k, v in emulated.params["params"]["layers"][short].items()}
+    bound = 2 * _reorder_bound(np.asarray(fake_quant(x, kind)), w) + np.abs(want) * np.finfo(np.float32).eps
+    got = np.asarray(project(x, leaf, kind))
+    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / bound))
+    plain = np.asarray(project(x, leaf, None))
+    assert np.any(np.abs(plain - want) > bound)  # without emulation: the quantization noise
+
+
+def test_ggml_rms_norm_is_llamacpps_bit_for_bit(qwen, qwen_gguf):
+    """RMSNorm rounded as llama.cpp's CPU backend rounds it (a float64 sum of float32 squares,
+    1/sqrtf): from llama.cpp's own embeddings, its attn_norm-0 exactly, where the plain formula is
+    some ulps off. An ulp in front of a q8 rounding can move it, so `--act-quant` uses this form."""
+    import jax.numpy as jnp
+    from jaxllama.model import rms_norm
+
+    tokens = qwen.tokenizer.encode(licence_text())[:256]
+    x, want = _captured(qwen_gguf, tokens, ("embd", "attn_norm-0"))
+    scale = qwen.params["params"]["layers"]["attn_norm"]["scale"][0]
+    got = np.asarray(rms_norm(jnp.asarray(x), scale, qwen.config.rms_eps, ggml=True))
+    np.testing.assert_array_equal(got, want)
+    assert np.any(np.asarray(rms_norm(jnp.asarray(x), scale, qwen.config.rms_eps)) != want)
