@@ -477,6 +477,23 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--only", help=f"comma-separated sections (default: all but device): {', '.join(SECTIONS)}")
 
 
+MAX_DECODE_TOKENS = 4096  # a decode measurement's cache holds the prompt and these
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every argument checked before any work (a bad one found after minutes of measuring is a
+    waste); returns the sections to run."""
+    from .errors import InvalidInputError
+
+    if args.repeats < 1:
+        raise InvalidInputError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.decode_tokens <= MAX_DECODE_TOKENS:
+        raise InvalidInputError(f"--decode-tokens must be in 1..{MAX_DECODE_TOKENS}, got {args.decode_tokens}")
+    return parse_sections(args.only)
+
+
 def parse_sections(text: str | None) -> tuple[str, ...]:
     from .errors import InvalidInputError
 
@@ -501,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child_main(args.child, args.weights, path)
         return 0
-    print(json.dumps(run(path, parse_sections(args.only), args.repeats, args.threads, args.decode_tokens), indent=1))
+    print(json.dumps(run(path, check_arguments(args), args.repeats, args.threads, args.decode_tokens), indent=1))
     return 0
 
 

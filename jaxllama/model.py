@@ -171,10 +171,12 @@ def materialized(x: jax.Array, data: jax.Array) -> jax.Array:
     XLA:CPU fuses the producer of a small vector into the matrix-vector product that reads it,
     recomputing it for every output row: the attention output's transposes in front of
     `attn_output` made that product 5x slower than its twins in decoding. A conditional on a
-    runtime value (`data >= -1`, always true for slots) cannot be folded away, so its result is
-    a real buffer; an optimization barrier does not survive XLA:CPU's pipeline.
+    runtime value (`data >= -1`, true for valid slots, -1 marking padding) cannot be folded away,
+    so its result is a real buffer; an optimization barrier does not survive XLA:CPU's pipeline.
+    A slot below -1 (a bad traced `start`) makes the result NaN: loud, never a silently masked
+    attention.
     """
-    return lax.cond(jnp.min(data) >= -1, lambda v: v, jnp.zeros_like, x)
+    return lax.cond(jnp.min(data) >= -1, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ggml: bool = False) -> jax.Array:

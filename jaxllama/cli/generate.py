@@ -31,7 +31,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=DEFAULTS["presence_penalty"])
     p.add_argument("--frequency-penalty", type=float, default=DEFAULTS["frequency_penalty"])
     p.add_argument("--penalty-last-n", type=int, default=DEFAULTS["penalty_last_n"], help="penalty window (64)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed, 0..2**32-1 (0); chat turn i uses seed + i (mod 2**32)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
 
 
@@ -56,9 +56,10 @@ def _visible(model: Any, ids: list[int]) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace, load_model: Callable, input_tokens: Callable) -> int:
-    from ..generation.loop import generate, stream
+    from ..generation.loop import check_seed, generate, stream
     from ..provenance import provenance
 
+    check_seed(args.seed)
     sampler = sampler_from_args(args)
     model = load_model(args)
     prompt = input_tokens(args, model)
@@ -109,8 +110,9 @@ def _stream_text(model: Any, ids) -> list[int]:
 
 def cmd_chat(args: argparse.Namespace, load_model: Callable) -> int:
     """A conversation on stdin/stdout with the file's chat template; /exit or end of input quits."""
-    from ..generation.loop import stream
+    from ..generation.loop import SEED_LIMIT, check_seed, stream
 
+    check_seed(args.seed)
     sampler = sampler_from_args(args)
     model = load_model(args)
     tok = model.tokenizer
@@ -135,7 +137,7 @@ def cmd_chat(args: argparse.Namespace, load_model: Callable) -> int:
             raise InvalidInputError(f"the conversation ({len(prompt)} tokens) fills the context length "
                                     f"{model.config.context_length}")
         ids = _stream_text(model, stream(model, prompt, min(args.max_new_tokens, room), sampler,
-                                         args.seed + turn, not args.ignore_eos))
+                                         (args.seed + turn) % SEED_LIMIT, not args.ignore_eos))
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": tok.decode(_visible(model, ids))})

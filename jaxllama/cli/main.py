@@ -363,9 +363,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..benchmark import parse_sections, run
+    from ..benchmark import check_arguments, run
 
-    sections = parse_sections(args.only)
+    sections = check_arguments(args)
     result = run(_model_path(args.model), sections, args.repeats, args.threads, args.decode_tokens)
     print(json.dumps(result, indent=1))
     return 0

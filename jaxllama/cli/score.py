@@ -147,6 +147,8 @@ def _gguf_path(arg: str | None, what: str) -> Path:
     if arg is None:
         return resolve_model(None)
     p = resolve_model(arg)
+    if p.is_dir():
+        raise InvalidInputError(f"{what}: {p} is a directory, not a GGUF file")
     if not p.is_file():
         raise InvalidInputError(f"{what}: {p}: no such file")
     return p
@@ -211,11 +213,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 def cmd_kl_divergence(args: argparse.Namespace) -> int:
     from ..provenance import provenance
-    from ..scoring.kld import LlamaCppBase, SavedBase, kl_divergence
+    from ..scoring.kld import LlamaCppBase, SavedBase, check_save_path, kl_divergence
     from ..scoring.perplexity import read_text
 
     t0 = time.perf_counter()
     _check_positive(args)
+    if args.save_base is not None:
+        check_save_path(args.save_base)
     text = read_text(args.file)
     model_path = _gguf_path(args.model, "--model")
     start_cluster(args)

@@ -228,11 +228,21 @@ def _recorded(rows: Sequence[Sequence[int]]) -> Iterator[None]:
         rec.end_call()
 
 
+SEED_LIMIT = 2**32  # threefry keys hold 32 bits of seed without jax's 64-bit mode
+
+
+def check_seed(seed: Any) -> int:
+    """`seed` as an int in `[0, 2**32)`; a larger one would silently equal `seed % 2**32`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < SEED_LIMIT:
+        raise InvalidInputError(f"seed must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    return int(seed)
+
+
 def _seeds(seed: int | Sequence[int], b: int) -> list[int]:
-    seeds = [seed] * b if isinstance(seed, int) else list(seed)
+    seeds = [seed] * b if isinstance(seed, (int, np.integer)) else list(seed)
     if len(seeds) != b:
         raise InvalidInputError(f"seed: {len(seeds)} seeds for {b} prompts")
-    return seeds
+    return [check_seed(s) for s in seeds]
 
 
 def generate(

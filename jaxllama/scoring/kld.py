@@ -301,13 +301,24 @@ def kl_divergence(base: Any, model: Any, text: str | Sequence[int], ctx: int, ch
                         rs.compile_s + src.compile_s, src.describe)
 
 
+def check_save_path(path: str | os.PathLike) -> Path:
+    """Where `--save-base` may write: a file (new or replaced) in an existing, writable directory.
+    Checked before the base run, not after it."""
+    p = Path(path)
+    if p.is_dir():
+        raise InvalidInputError(f"--save-base: {p} is a directory; name a file, e.g. {p / 'base.npz'}")
+    if not p.parent.is_dir():
+        raise InvalidInputError(f"--save-base: directory {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise InvalidInputError(f"--save-base: directory {p.parent} is not writable")
+    return p
+
+
 class _Saver:
     """Collects base log-probs in a temporary memory-mapped file, then writes the .npz (bounded RAM)."""
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int], vocab: int):
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise InvalidInputError(f"--save-base: directory {self.path.parent} does not exist")
+        self.path = check_save_path(path)
         self._tmp = tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".tmp", delete=False)
         self.data = np.lib.format.open_memmap(self._tmp.name, mode="w+", dtype=np.float32, shape=(*shape, vocab))
 
@@ -320,9 +331,13 @@ class _Saver:
     def write(self, tokens: np.ndarray, ctx: int, describe: dict[str, Any], vocab: str) -> None:
         meta = json.dumps({"ctx": ctx, "base": describe, "vocab_sha256": vocab})
         partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as f:
-            np.savez(f, format=np.array(SAVED_FORMAT), meta=np.array(meta), tokens=tokens, logprobs=self.data)
-        partial.replace(self.path)
+        try:
+            with open(partial, "wb") as f:
+                np.savez(f, format=np.array(SAVED_FORMAT), meta=np.array(meta), tokens=tokens, logprobs=self.data)
+            partial.replace(self.path)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise InvalidInputError(f"--save-base: cannot write {self.path} ({e.strerror or e})") from None
 
     def discard(self) -> None:
         del self.data
