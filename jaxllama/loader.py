@@ -126,11 +126,12 @@ def _load(path: Path, weights: str, mesh: Any, vocab: str) -> Model:
                      s.tensor_types, mesh=mesh)
     f = read_gguf(path)
     config = LlamaConfig.from_gguf(f)
-    entry = converted.entry_dir(path, weights, sum(t.nbytes for t in f.tensors.values()))
-    params = kept = converted.load(entry)
-    if kept is None:  # not converted before (or not kept: see gguf/converted.py)
-        params = jax.block_until_ready(params_from_gguf(f, config, weights))  # its temporaries live until it ran
-        converted.store(entry, params)
+    entry = converted.entry_dir(path, weights, sum(t.nbytes for t in f.tensors.values()), f.stat)
+    with converted.locked(entry):  # another process converting this file: wait, then read its entry
+        params = kept = converted.load(entry)
+        if kept is None:  # not converted before (or not kept: see gguf/converted.py)
+            params = jax.block_until_ready(params_from_gguf(f, config, weights))  # its temporaries live until it ran
+            converted.store(entry, params)
     release_freed_memory(collect=kept is None)
     types = {name: t.type_name for name, t in f.tensors.items()}
     return Model(config, _placed(params, config, mesh, vocab), f.metadata, path, None, types, mesh=mesh)

@@ -36,6 +36,10 @@ def cache(tmp_path, monkeypatch):
     return runs
 
 
+def _entry(path):
+    return converted.entry_dir(path, "native", 0, jaxllama.read_gguf(path).stat)
+
+
 def _leaves(model):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(model.params)}
 
@@ -76,7 +80,7 @@ def test_a_changed_file_is_converted_again(cache, tiny_factory, tmp_path):
 def test_a_damaged_entry_is_converted_again(cache, tiny_factory):
     path = tiny_factory(TinySpec(matrix_type=T.Q4_0), 6)
     want = _leaves(jaxllama.load(path))
-    entry = converted.entry_dir(path, "native", 0)
+    entry = _entry(path)
     manifest = json.loads((entry / converted.MANIFEST).read_text())
     victim = entry / manifest["arrays"][0]["file"]
     victim.write_bytes(victim.read_bytes()[:-8])  # a truncated array
@@ -84,7 +88,7 @@ def test_a_damaged_entry_is_converted_again(cache, tiny_factory):
     assert len(cache) == 2
     _same_bits(_leaves(jaxllama.load(path)), want)  # the entry was written again
     assert len(cache) == 2
-    (entry / converted.MANIFEST).write_text('{"format": 1, "arrays": [{"key": "x", "file": "../../model.gguf"}]}')
+    (entry / converted.MANIFEST).write_text('{"format": 2, "arrays": [{"key": "x", "file": "../../model.gguf"}]}')
     _same_bits(_leaves(jaxllama.load(path)), want)  # reads only its own files
     assert len(cache) == 3
     (entry / converted.MANIFEST).write_text("{not json")
@@ -103,7 +107,89 @@ def test_switched_off_and_small_files_are_not_kept(cache, tiny_factory, monkeypa
     jaxllama.load(path)
     jaxllama.load(path)
     assert len(cache) == 4
-    assert not (converted.entry_dir(path, "native", 2**30).parent).exists()
+    assert not converted.root().exists()
+
+
+def test_a_flipped_byte_is_caught_by_its_checksum_and_said_in_one_line(cache, tiny_factory, capfd):
+    path = tiny_factory(TinySpec(matrix_type=T.Q8_0), 8)
+    want = _leaves(jaxllama.load(path))
+    entry = _entry(path)
+    victim = max(entry.glob("*.npy"), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0x10  # same size, same header: only the checksum can tell
+    victim.write_bytes(bytes(data))
+    capfd.readouterr()
+    _same_bits(_leaves(jaxllama.load(path)), want)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is damaged" in err[0] and "checksum" in err[0] and victim.name in err[0]
+    assert len(cache) == 2
+    _same_bits(_leaves(jaxllama.load(path)), want)  # rebuilt: read, not converted, the third time
+    assert len(cache) == 2
+
+
+def test_an_in_place_edit_with_its_mtime_restored_is_converted_again(cache, tiny_factory, tmp_path):
+    """Only ctime tells: same path, inode, size and mtime (restored with utime), other bytes."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny_factory(TinySpec(matrix_type=T.Q8_0), 9).read_bytes())
+    st = path.stat()
+    before = _leaves(jaxllama.load(path))
+    other = tiny_factory(TinySpec(matrix_type=T.Q8_0), 10)
+    with open(path, "r+b") as fh:  # in place: the inode stays
+        fh.write(other.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    after = _leaves(jaxllama.load(path))
+    assert len(cache) == 2
+    _same_bits(after, _leaves(jaxllama.load(other)))
+    assert any(before[k].tobytes() != after[k].tobytes() for k in before)
+
+
+def test_four_processes_loading_one_new_file_at_once(tmp_path, tiny_factory):
+    """All get the same weights; the lock makes one convert while the others wait and read its
+    entry; one entry remains, no temporary directory."""
+    path = tiny_factory(TinySpec(matrix_type=T.Q4_0), 11)
+    code = ("import sys, hashlib, jax, numpy as np, jaxllama\n"
+            "from jaxllama.gguf import converted\n"
+            "converted.MIN_BYTES = 0\n"
+            "m = jaxllama.load(sys.argv[1])\n"
+            "h = hashlib.sha256()\n"
+            "for leaf in jax.tree.leaves(m.params): h.update(np.asarray(leaf).tobytes())\n"
+            "print(h.hexdigest())")
+    env = {**os.environ, "JAXLLAMA_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 1
+    assert all(o[1] == "" for o in outs)  # no process saw a damaged entry
+    kept = tmp_path / "cache" / "converted"
+    assert len([d for d in kept.iterdir() if d.is_dir()]) == 1
+
+
+def test_leftovers_of_killed_writers_are_removed(cache, tiny_factory):
+    path = tiny_factory(TinySpec(matrix_type=T.Q8_0), 12)
+    where = _entry(path).parent
+    where.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = where / f"{converted.PARTIAL}{int(dead.stdout)}-abc"
+    live = where / f"{converted.PARTIAL}{os.getpid()}-def"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "0.npy").write_bytes(b"x")
+    jaxllama.load(path)
+    assert not stale.exists() and live.exists()  # a running writer's directory stays
+
+
+def test_the_cache_is_held_under_its_limit_least_recently_used_first(cache, tiny_factory, monkeypatch):
+    a, b, c = (tiny_factory(TinySpec(matrix_type=T.Q8_0), s) for s in (13, 14, 15))
+    jaxllama.load(a)
+    size = converted.entries()[0].bytes
+    monkeypatch.setenv("JAXLLAMA_CACHE_MAX", str(int(2.5 * size)))
+    jaxllama.load(b)
+    os.utime(_entry(a) / converted.MANIFEST, (1, 1))  # a: used long ago
+    jaxllama.load(c)  # three do not fit: the least recently used one goes
+    left = {e.path for e in converted.entries()}
+    assert left == {_entry(b), _entry(c)}
 
 
 @pytest.mark.parametrize("kept", [False, True], ids=["converting", "kept"])

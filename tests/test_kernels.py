@@ -4,9 +4,11 @@ kernel cannot be built."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -286,3 +288,82 @@ def test_no_compiler_falls_back_to_pure_jax_with_one_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["xla", "32.0", "1"]
     assert not list(tmp_path.glob("kernels/*.so"))
+
+
+PLANTED = textwrap.dedent("""
+    import json, warnings
+    from jaxllama import kernels
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ok = kernels.available()
+        where = str(kernels.build())
+    print(json.dumps({"ok": ok, "isa": kernels.isa(), "where": where, "warnings": [str(x.message) for x in w]}))
+""")
+
+
+def _fake_compiler(tmp_path: Path) -> dict:
+    """An environment whose "compiler" copies this machine's already built kernels to its `-o`
+    (a real build takes minutes; what is tested is where a library is built and what is loaded)."""
+    real = kernels.build()
+    cxx = tmp_path / "fake-c++"
+    cxx.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do if [ "$1" = -o ]; then cp "%s" "$2"; fi; shift; done\n' % real)
+    cxx.chmod(0o755)
+    return {"CXX": str(cxx), "JAXLLAMA_CACHE": str(tmp_path / "cache")}
+
+
+def _cache_library_path(env: dict) -> Path:
+    code = "from jaxllama import kernels; print(kernels.library_path())"
+    return Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env={**os.environ, **env}).stdout.strip())
+
+
+def test_a_world_writable_library_in_the_cache_is_never_loaded(tmp_path):
+    env = _fake_compiler(tmp_path)
+    lib = _cache_library_path(env)
+    marker = tmp_path / "initialiser-ran"
+    src = tmp_path / "planted.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void hi(void) '
+                   f'{{ FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    lib.parent.mkdir(parents=True)
+    subprocess.run([kernels.compiler(), "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    lib.chmod(0o777)
+    got = _child(env, PLANTED)
+    assert not marker.exists()  # its initialiser never ran
+    assert got["ok"] and got["isa"] != "xla" and Path(got["where"]).parent != lib.parent  # built privately
+    assert any("writable by group or others" in m and str(lib) in m for m in got["warnings"])
+    lib.chmod(0o755)
+    lib.parent.chmod(0o777)  # the directory, too
+    got = _child(env, PLANTED)
+    assert not marker.exists() and Path(got["where"]).parent != lib.parent
+    assert any(f"not loading kernels from {lib.parent}" in m for m in got["warnings"])
+
+
+def test_a_library_that_fails_to_load_is_built_once_more(tmp_path):
+    env = _fake_compiler(tmp_path)
+    where = _cache_library_path(env)
+    where.parent.mkdir(parents=True)
+    where.write_bytes(b"\x7fELF not really")  # ours, private, but no library
+    got = _child(env, PLANTED)
+    assert got["ok"] and got["warnings"] == [] and got["where"] == str(where)
+    assert where.read_bytes() == kernels.build().read_bytes()  # rebuilt in place
+
+
+CLANG = shutil.which("clang++")
+
+
+@pytest.mark.skipif(CLANG is None and not os.environ.get("JAXLLAMA_REQUIRE_CLANG"),
+                    reason="clang++ is not on PATH (CI installs it and sets JAXLLAMA_REQUIRE_CLANG=1)")
+def test_kernels_built_with_clang_match_numpy(tmp_path):
+    """No GCC-only pragmas: clang builds the same kernels (vector paths through its attribute
+    pragma, F16C found through cpuid), with the same numbers; the float32 matrices bit for bit.
+    (Two minutes of clang -O3 on 2 cores: the widest path only.)"""
+    assert CLANG is not None, "JAXLLAMA_REQUIRE_CLANG is set but clang++ is not on PATH"
+    env = {"CXX": CLANG, "JAXLLAMA_CACHE": str(tmp_path)}
+    got = _child(env)
+    flags = _cpu_flags()
+    widest = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c"} <= flags else
+              "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable")
+    assert got["isa"] == widest
+    assert got["worst"] < 1e-6 and got["batch_differs"] == 0
+    deq = _child(env, DEQUANT)
+    assert deq["used"] == 84 and deq["mismatched"] == 0

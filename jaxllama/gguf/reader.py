@@ -65,6 +65,8 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo]
     data: np.ndarray  # uint8 memmap of the whole file (empty for a header-only file)
+    #: `fstat` of the descriptor the map was made from: the identity of exactly the bytes read
+    stat: os.stat_result | None = None
 
     def raw(self, name: str) -> np.ndarray:
         """Bytes of tensor `name` as uint8, shaped [*rows, bytes_per_row] (zero-copy)."""
@@ -167,14 +169,18 @@ class _Cursor:
         raise self.fail(f"{what}: unknown value type {vtype}")
 
 
-def _map(path: Path) -> np.ndarray:
-    """A read-only uint8 memory map of the file, or a `GGUFFormatError` saying why not."""
+def _map(path: Path) -> tuple[np.ndarray, os.stat_result]:
+    """A read-only uint8 memory map of the file and the `fstat` of the descriptor it was mapped
+    from (not a `stat` of the path before or after, which a replaced file would escape), or a
+    `GGUFFormatError` saying why not."""
     try:
         if path.is_dir():
             raise GGUFFormatError(f"{path}: is a directory, not a GGUF file")
-        if path.stat().st_size == 0:
-            raise GGUFFormatError(f"{path}: empty file, not a GGUF file")
-        return np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size == 0:
+                raise GGUFFormatError(f"{path}: empty file, not a GGUF file")
+            return np.memmap(fh, dtype=np.uint8, mode="r"), st
     except FileNotFoundError:
         raise GGUFFormatError(f"{path}: no such file") from None
     except PermissionError:
@@ -237,7 +243,7 @@ def _read_tensor_entry(cur: _Cursor, alignment: int) -> tuple[str, tuple[int, ..
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse a GGUF file's header and map its tensor data. Raises `GGUFFormatError`."""
     path = Path(path)
-    data = _map(path)
+    data, st = _map(path)
     size = len(data)
     cur = _Cursor(memoryview(data), path)
     version, n_tensors, n_kv = _read_preamble(cur)
@@ -263,4 +269,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
                 f"{path}: truncated GGUF: tensor {name!r} needs bytes {start}..{start + nbytes}, file has {size}"
             )
         tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
-    return GGUFFile(path, version, metadata, tensors, data)
+    _refuse_overlaps(path, tensors)
+    return GGUFFile(path, version, metadata, tensors, data, st)
+
+
+def _refuse_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes is no file llama.cpp writes: refuse it (one tensor's edit would
+    silently change the other)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise GGUFFormatError(f"{path}: tensors {a!r} and {b!r} overlap (bytes {start}..{end - 1} are in both)")

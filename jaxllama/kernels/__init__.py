@@ -13,10 +13,13 @@ that stay awake between calls, see gemv.cc) and are vectorized for the CPU they 
 or portable C++, chosen when the library loads).
 
 The C++ source ships with the package and is compiled on the user's machine with the system C++
-compiler: by `tools/setup.sh` at install time, otherwise on first use, into the jaxllama cache
-(`kernels/gemv-<hash>.so`, the hash covering the source, jaxlib and the compiler). Without a
-compiler, off x86, on GPU/TPU or with `JAXLLAMA_KERNELS=0`, the same function runs as pure JAX,
-giving the same numbers up to float summation order.
+compiler (GCC or clang): by `tools/setup.sh` at install time, otherwise on first use, into the
+jaxllama cache (`kernels/gemv-<hash>.so`, the hash covering the source, flags, jaxlib, the
+compiler and its version, the CPU's flags, the C library and the Python ABI). A library there is
+loaded only if it and its directory are this user's and writable by nobody else (else it is built
+in a private directory); one that fails to load is built once more. Without a compiler, off x86,
+on a GPU/TPU backend (nothing is compiled there) or with `JAXLLAMA_KERNELS=0`, the same function
+runs as pure JAX, giving the same numbers up to float summation order.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import warnings
 from functools import lru_cache
@@ -74,8 +80,18 @@ def _compiler_version(cxx: str) -> str:
         return ""
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.machine()
+
+
 def library_path(cxx: str | None = None) -> Path:
-    """Where the compiled kernels live: named after the sources, jaxlib and the compiler."""
+    """Where the compiled kernels live: named after the sources, the flags, jaxlib, the compiler
+    and its version, the CPU's flags, the C library and the Python ABI (a library built for
+    another of any of these is never loaded)."""
     from ..gguf.default_model import cache_dir
     import jaxlib
 
@@ -83,22 +99,49 @@ def library_path(cxx: str | None = None) -> Path:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((Path(__file__).parent / name).read_bytes())
-    h.update(" ".join(FLAGS).encode())
-    h.update(jaxlib.__version__.encode())
-    h.update(_compiler_version(cxx).encode())
+    for part in (" ".join(FLAGS), jaxlib.__version__, cxx, _compiler_version(cxx), _cpu_flags(),
+                 " ".join(platform.libc_ver()), str(sysconfig.get_config_var("SOABI"))):
+        h.update(part.encode() + b"\0")
     return cache_dir() / "kernels" / f"gemv-{h.hexdigest()[:16]}.so"
+
+
+def untrusted(path: Path) -> str | None:
+    """Why a library (or its directory) at `path` must not be loaded, or None: it must be this
+    user's own, no symbolic link, and writable by nobody else (a library's initialiser runs
+    on load, with this user's rights)."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"it belongs to uid {st.st_uid}, not to this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return "it is writable by group or others"
+    return None
+
+
+def _trusted_place(out: Path) -> Path:
+    """`out`, or the same file name in a new private directory (with one warning) when `out` or
+    its directory exists and is not this user's alone."""
+    for p in (out.parent, out):
+        why = untrusted(p) if p.exists() or p.is_symlink() else None
+        if why is not None:
+            private = Path(tempfile.mkdtemp(prefix="jaxllama-kernels-"))  # mode 0700
+            warnings.warn(f"jaxllama: not loading kernels from {p}: {why}; building them in {private}", stacklevel=4)
+            return private / out.name
+    return out
 
 
 def build(force: bool = False) -> Path:
     """Compile the kernels for this machine (a few seconds) unless already built; the path of the
-    shared library. Raises `KernelBuildError` with the compiler's message on failure."""
+    shared library (in the jaxllama cache, or a private directory when the cache's copy cannot
+    be trusted, see `untrusted`). Raises `KernelBuildError` with the compiler's message on failure."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (set CXX): the kernels run as pure JAX")
-    out = library_path(cxx)
+    out = _trusted_place(library_path(cxx))
     if out.exists() and not force:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(Path(__file__).parent / "gemv.cc"), "-o", tmp]
@@ -124,8 +167,13 @@ def enabled() -> bool:
 def _library() -> ctypes.CDLL | None:
     """Build if needed, load and register the kernels once per process; None (with one
     warning) when they cannot be had, so callers fall back to pure JAX."""
+    if jax.default_backend() != "cpu":  # GPU/TPU: nothing to compile, XLA runs every product
+        return None
     try:
-        lib = ctypes.cdll.LoadLibrary(str(build()))
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(build()))
+        except OSError:  # a damaged or foreign library: built once more, else pure JAX (below)
+            lib = ctypes.cdll.LoadLibrary(str(build(force=True)))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllamaGemv), platform="cpu")
         jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxllamaAttend), platform="cpu")
         jax.ffi.register_ffi_target(DEQUANT_TARGET, jax.ffi.pycapsule(lib.JaxllamaDequant), platform="cpu")

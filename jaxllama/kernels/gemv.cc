@@ -34,8 +34,21 @@
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
+
+// Code compiled for one instruction set inside a file built for the baseline: GCC's target
+// pragmas, clang's attribute pragma (clang ignores `#pragma GCC target`).
+#if defined(__clang__)
+#define JL_TARGET_BEGIN(features) \
+  _Pragma(JL_STR(clang attribute push(__attribute__((target(features))), apply_to = function)))
+#define JL_TARGET_END _Pragma("clang attribute pop")
+#else
+#define JL_TARGET_BEGIN(features) _Pragma("GCC push_options") _Pragma(JL_STR(GCC target(features)))
+#define JL_TARGET_END _Pragma("GCC pop_options")
+#endif
+#define JL_STR(x) #x
 
 #include "xla/ffi/api/ffi.h"
 
@@ -132,8 +145,7 @@ void attend_merge(const Attend& a) {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+JL_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
 using V = __m512;
 constexpr int L = 16;
@@ -193,10 +205,9 @@ inline V high16(uint32_t h, int64_t first) {
 #include "attend_body.inc"
 #include "dequant_body.inc"
 }  // namespace avx512
-#pragma GCC pop_options
+JL_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+JL_TARGET_BEGIN("avx2,fma,f16c")
 namespace avx2 {
 using V = __m256;
 constexpr int L = 8;
@@ -255,7 +266,7 @@ inline void packed32h(const uint8_t* p, uint32_t h, float s, float o, V* w) {
 #include "attend_body.inc"
 #include "dequant_body.inc"
 }  // namespace avx2
-#pragma GCC pop_options
+JL_TARGET_END
 #endif  // x86
 
 // Portable C++ for any other CPU (one float per "vector"; the compiler may vectorize it).
@@ -314,9 +325,11 @@ Path pick() {
   if (isa == "portable") return {portable::rows_range, portable::attend_range, portable::dequant_range, "portable"};
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (isa.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c"))
+  unsigned a = 0, b = 0, c = 0, d = 0;  // F16C from cpuid: clang's __builtin_cpu_supports has no name for it
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  if (isa.empty() && avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return {avx512::rows_range, avx512::attend_range, avx512::dequant_range, "avx512"};
   if (avx2) return {avx2::rows_range, avx2::attend_range, avx2::dequant_range, "avx2"};
 #endif
