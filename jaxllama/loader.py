@@ -131,7 +131,7 @@ def _load(path: Path, weights: str, mesh: Any, vocab: str) -> Model:
         params = kept = converted.load(entry)
         if kept is None:  # not converted before (or not kept: see gguf/converted.py)
             params = jax.block_until_ready(params_from_gguf(f, config, weights))  # its temporaries live until it ran
-            converted.store(entry, params)
+            converted.store(entry, params, path)
     release_freed_memory(collect=kept is None)
     types = {name: t.type_name for name, t in f.tensors.items()}
     return Model(config, _placed(params, config, mesh, vocab), f.metadata, path, None, types, mesh=mesh)

@@ -212,3 +212,35 @@ def test_load_returns_the_conversions_memory(default_gguf, tmp_path, kept):
     assert (tmp_path / "converted").exists() == kept
     base, after, params_mb = json.loads(done.stdout.strip().splitlines()[-1])
     assert after - base <= 1.5 * params_mb, (base, after, params_mb)
+
+
+def test_cache_command_lists_and_prunes(cache, tiny_factory, tmp_path, capsys):
+    from jaxllama.cli.main import main
+
+    a, b = tiny_factory(TinySpec(matrix_type=T.Q8_0), 16), tiny_factory(TinySpec(matrix_type=T.Q8_0), 17)
+    jaxllama.load(a)
+    jaxllama.load(b)
+    root = tmp_path / "cache"
+    (root / "xla").mkdir()
+    (root / "xla" / "program").write_bytes(b"x" * 1000)
+    (root / "model.gguf").write_bytes(b"GGUF" * 10)  # a download: listed, never pruned
+
+    def run(*args):
+        code = main(["cache", "--json", *args])
+        return code, json.loads(capsys.readouterr().out)
+
+    code, out = run()
+    kinds = sorted(i["kind"] for i in out["items"])
+    assert code == 0 and kinds == ["conversion", "conversion", "download", "xla"]
+    assert {i["model"] for i in out["items"] if i["kind"] == "conversion"} == {str(a), str(b)}
+    os.utime(_entry(a) / converted.MANIFEST, (1, 1))
+    code, out = run("--older-than", "30d")
+    assert [i["model"] for i in out["pruned"]] == [str(a)] and not _entry(a).exists() and _entry(b).exists()
+    code, out = run("--max-size", "0")
+    assert sorted(i["kind"] for i in out["pruned"]) == ["conversion", "xla"]
+    assert [i["kind"] for i in out["items"]] == ["download"] and (root / "model.gguf").exists()
+    for bad, words in (["--max-size", "lots"], "--max-size: 'lots' is not a size"), \
+                      (["--older-than", "soon"], "--older-than: 'soon' is not an age"):
+        assert main(["cache", *bad]) == 1
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cache import add_parser as add_cache_parser, cmd_cache
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from .score import add_mesh_arg, add_score_parsers, cmd_kl_divergence, cmd_perplexity, mesh_of
 from ..errors import InvalidInputError, JaxLlamaError
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     add_mesh_arg(chat)
     add_score_parsers(sub, _model_arg)
+    add_cache_parser(sub)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
     from ..benchmark import add_arguments
 
@@ -373,7 +375,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits,
             "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench,
-            "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence}
+            "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence, "cache": cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

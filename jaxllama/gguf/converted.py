@@ -189,7 +189,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def store(entry: Path | None, params: Params) -> None:
+def store(entry: Path | None, params: Params, source: Path | None = None) -> None:
     """Keep `params` in `entry` (best effort: a read-only or full disk only skips it), replacing a
     damaged one. Call it holding `locked(entry)`. Written to a temporary directory, fsynced and
     renamed, so a reader never sees a partial entry; then the cache is pruned to `max_bytes()`."""
@@ -213,7 +213,7 @@ def store(entry: Path | None, params: Params) -> None:
             arrays.append({"key": key, "file": f"{i}.npy", "dtype": arr.dtype.str, "shape": list(arr.shape),
                            "xxh3": _checksum(arr)})
         with open(tmp / MANIFEST, "w") as fh:
-            fh.write(json.dumps({"format": FORMAT, "arrays": arrays}))
+            fh.write(json.dumps({"format": FORMAT, "source": str(source) if source else None, "arrays": arrays}))
             fh.flush()
             os.fsync(fh.fileno())
         _fsync(tmp)
