@@ -19,7 +19,9 @@ import jax
 import numpy as np
 
 from . import runner
+from .errors import GGUFFormatError
 from .gguf import converted
+from .gguf.checks import nonfinite_tensors
 from .gguf.config import LlamaConfig
 from .gguf.convert import Params, check_weights, is_native, params_from_gguf
 from .gguf.default_model import resolve_model, sha256_file
@@ -97,7 +99,7 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: str | None = None,
-         mesh: Any = None, vocab: str = "split") -> Model:
+         mesh: Any = None, vocab: str = "split", allow_nonfinite: bool = False) -> Model:
     """Load a model: a GGUF path, a file written by `Model.save`, or None for the default model.
 
     `weights` is how matrices and the embedding are held (arithmetic is float32 in every case):
@@ -107,17 +109,19 @@ def load(model: str | os.PathLike | None = None, weights: str = "auto", dtype: s
     `("data", "model")`, see `parallel.make_mesh`) the parameters are placed on it by the table in
     `parallel/rules.py` (`vocab`: "split" or "replicated" embedding and output); batches then split
     over "data". A native conversion is kept in the jaxllama cache and read back by later loads
-    of the same file (`gguf/converted.py`; `JAXLLAMA_CONVERTED_CACHE=0` turns that off). Raises a
+    of the same file (`gguf/converted.py`; `JAXLLAMA_CONVERTED_CACHE=0` turns that off). A file
+    whose block scales or float weights hold NaN/Inf is refused, the tensor named
+    (`gguf/checks.py`), unless `allow_nonfinite` (then nothing of it is kept). Raises a
     `JaxLlamaError` subclass with a one-line message on bad input.
     """
     weights = check_weights(weights) if dtype is None else check_weights(dtype, "dtype")
     path = resolve_model(model)
-    loaded = _load(path, weights, mesh, vocab)
+    loaded = _load(path, weights, mesh, vocab, allow_nonfinite)
     jax.block_until_ready(loaded.params)
     return loaded
 
 
-def _load(path: Path, weights: str, mesh: Any, vocab: str) -> Model:
+def _load(path: Path, weights: str, mesh: Any, vocab: str, allow_nonfinite: bool = False) -> Model:
     if is_saved(path):
         s = load_saved(path, weights)
         jax.block_until_ready(s.params)
@@ -130,8 +134,14 @@ def _load(path: Path, weights: str, mesh: Any, vocab: str) -> Model:
     with converted.locked(entry):  # another process converting this file: wait, then read its entry
         params = kept = converted.load(entry)
         if kept is None:  # not converted before (or not kept: see gguf/converted.py)
+            bad = nonfinite_tensors(f)
+            if bad and not allow_nonfinite:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise GGUFFormatError(f"{path}: tensor {bad[0]!r}{more} holds NaN or Inf weights or block scales; "
+                                      "load(..., allow_nonfinite=True) / --allow-nonfinite keeps them")
             params = jax.block_until_ready(params_from_gguf(f, config, weights))  # its temporaries live until it ran
-            converted.store(entry, params, path)
+            if not bad:
+                converted.store(entry, params, path)
     release_freed_memory(collect=kept is None)
     types = {name: t.type_name for name, t in f.tensors.items()}
     return Model(config, _placed(params, config, mesh, vocab), f.metadata, path, None, types, mesh=mesh)

@@ -161,3 +161,71 @@ def test_bad_tokens(tiny_gguf, tokens, words):
 def test_bad_dtype(tiny_gguf):
     with pytest.raises(InvalidInputError, match="dtype"):
         jaxllama.load(tiny_gguf, dtype="float64")
+
+
+@pytest.mark.parametrize("qtype", sorted(__import__("jaxllama.gguf.checks", fromlist=["x"]).FLOAT16_FIELDS,
+                                         key=lambda t: t.value), ids=lambda t: t.name)
+def test_float16_field_offsets_are_the_block_scales(qtype):
+    """Independently of our table's source: with every listed field 1.0, gguf.quants dequantizes
+    random blocks to finite values; a NaN in any one listed field makes that block NaN."""
+    from jaxllama.gguf.checks import FLOAT16_FIELDS
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, size=(4, size), dtype=np.uint8)
+    raw[:, :2] &= 0x3F  # keep the other bytes modest too (IQ grids index tables with them)
+    for off in FLOAT16_FIELDS[qtype]:
+        raw[:, off: off + 2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    try:
+        ok = gguf.quants.dequantize(raw.reshape(-1), qtype).reshape(4, block)
+    except NotImplementedError:
+        pytest.skip(f"gguf.quants cannot dequantize {qtype.name}")  # nothing independent to compare with
+    assert np.isfinite(ok).all()
+    for off in FLOAT16_FIELDS[qtype]:
+        bad = raw.copy()
+        bad[2, off: off + 2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+        out = gguf.quants.dequantize(bad.reshape(-1), qtype).reshape(4, block)
+        assert np.isnan(out[2]).any() and np.isfinite(out[[0, 1, 3]]).all()
+
+
+def _patched(src, dst, name, at, data):
+    """A copy of GGUF `src` with `data` written at byte `at` of tensor `name`'s data."""
+    f = jaxllama.read_gguf(src)
+    raw = bytearray(src.read_bytes())
+    start = f.tensors[name].offset + at
+    raw[start: start + len(data)] = data
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def test_nonfinite_block_scales_are_refused_with_the_tensor_named(tiny_factory, tmp_path, capsys):
+    from jaxllama.cli.main import main
+
+    src = tiny_factory(TinySpec(matrix_type=gguf.GGMLQuantizationType.Q4_1), 21)
+    inf = np.float16(np.inf).tobytes()
+    path = _patched(src, tmp_path / "inf.gguf", "blk.1.attn_k.weight", 20 * 3 + 2, inf)  # block 3's minimum
+    with pytest.raises(GGUFFormatError, match="tensor 'blk.1.attn_k.weight' holds NaN or Inf"):
+        jaxllama.load(path)
+    for cmd in (["logits", "--tokens", "1,2", "--out", tmp_path / "x.npy"], ["generate", "--tokens", "1,2"]):
+        assert main([*map(str, cmd), "--model", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "blk.1.attn_k.weight" in err and len(err.strip().splitlines()) == 1
+    kept = jaxllama.load(path, allow_nonfinite=True)  # asked for: loaded as it is
+    assert not np.isfinite(np.asarray(kept.logits([1, 2]))).all()
+
+
+def test_tensors_sharing_bytes_are_refused(tiny_factory, tmp_path):
+    import struct
+
+    src = tiny_factory(TinySpec(), 22)
+    f = jaxllama.read_gguf(src)
+    a, b = "blk.0.attn_q.weight", "blk.0.attn_k.weight"
+    raw = bytearray(src.read_bytes())
+    data_start = min(t.offset for t in f.tensors.values())
+    entry = raw.index(struct.pack("<Q", len(b)) + b.encode())  # b's header entry: name, dims, type, offset
+    n_dims = struct.unpack_from("<I", raw, entry + 8 + len(b))[0]
+    at = entry + 8 + len(b) + 4 + 8 * n_dims + 4
+    struct.pack_into("<Q", raw, at, f.tensors[a].offset - data_start)  # b now starts where a does
+    path = tmp_path / "overlap.gguf"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(GGUFFormatError, match="overlap"):
+        jaxllama.read_gguf(path)

@@ -30,6 +30,8 @@ from ..tracing.probes import ALL_PROBES
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH|NAME", help="GGUF file, or a known model fetched once: smollm2-135m "
                    "(the default, SmolLM2-135M-Instruct Q4_1), qwen2.5-0.5b, gemma3-270m")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a file whose weights or block scales hold NaN/Inf (refused otherwise)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -352,7 +354,8 @@ def _act_quant_arg(p: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace) -> Any:
     from ..loader import load
 
-    model = load(_model_path(args.model), weights=args.weights, mesh=mesh_of(args))
+    model = load(_model_path(args.model), weights=args.weights, mesh=mesh_of(args),
+                 allow_nonfinite=getattr(args, "allow_nonfinite", False))
     return model.with_act_quant() if getattr(args, "act_quant", False) else model
 
 

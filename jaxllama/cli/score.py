@@ -154,11 +154,11 @@ def _gguf_path(arg: str | None, what: str) -> Path:
     return p
 
 
-def _load(path: Path, dtype: str, act_quant: bool, mesh: Any = None) -> Any:
+def _load(path: Path, dtype: str, act_quant: bool, mesh: Any = None, allow_nonfinite: bool = False) -> Any:
     from ..loader import load
     from ..parallel import check_same_file
 
-    model = load(path, dtype=dtype, mesh=mesh)
+    model = load(path, dtype=dtype, mesh=mesh, allow_nonfinite=allow_nonfinite)
     check_same_file(model.sha256)  # every process must hold the same file (a no-op in one process)
     return model.with_act_quant() if act_quant else model
 
@@ -192,7 +192,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             who = SimpleNamespace(source=path, sha256=sha256_file(path), dtype="llama.cpp",
                                   config=LlamaConfig.from_gguf(read_gguf(path)))
         else:
-            who = _load(path, args.dtype, args.act_quant, mesh_of(args))
+            who = _load(path, args.dtype, args.act_quant, mesh_of(args), args.allow_nonfinite)
             r = perplexity(who, text, args.ctx, args.chunks, args.batch, progress=bar)
     finally:
         bar.close()
@@ -233,8 +233,8 @@ def cmd_kl_divergence(args: argparse.Namespace) -> int:
         if args.base_llamacpp:
             base = LlamaCppBase(base_path, args.threads)
         else:
-            base = _load(base_path, args.base_dtype, args.base_act_quant, mesh)
-    model = _load(model_path, args.dtype, args.act_quant, mesh)
+            base = _load(base_path, args.base_dtype, args.base_act_quant, mesh, args.allow_nonfinite)
+    model = _load(model_path, args.dtype, args.act_quant, mesh, args.allow_nonfinite)
     bar = _Bar(args.quiet, "kl-divergence", "kld")
     try:
         r = kl_divergence(base, model, text, args.ctx, args.chunks, args.batch, progress=bar, save_base=args.save_base)
