@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import jaxllama
@@ -116,3 +117,66 @@ def test_shares_cover_every_item_once():
         for k in (1, 2, 3, 8):
             items = [i for p in range(k) for i in share(n, p, k)]
             assert items == list(range(n))
+
+
+def test_processes_scoring_other_texts_are_stopped_with_the_process_named(tmp_path, tiny_gguf):
+    port = free_port()
+    texts = []
+    for i, body in enumerate(("abcdefghij" * 20, "Xbcdefghij" + "abcdefghij" * 19)):
+        texts.append(tmp_path / f"t{i}.txt")
+        texts[-1].write_text(body, encoding="utf-8")
+    runs = run_cluster([["perplexity", "--model", str(tiny_gguf), "--file", str(t), "--ctx", "16", "--quiet"]
+                        + cluster_flags(port, 2, i) for i, t in enumerate(texts)])
+    for r in runs:
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert "process 1 would score other texts or settings than process 0" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+STALLING_PEER = """
+import sys, time
+from jaxllama.parallel import cluster_from, initialize
+initialize(cluster_from(sys.argv[1], 2, 1, 60))
+if sys.argv[2] == "stall":
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("peer", ["stall", "die"])
+def test_a_stalled_or_dead_peer_stops_the_others_within_the_timeout(tmp_path, tiny_gguf, peer):
+    """Process 1 joins, then never takes part (or exits): process 0 stops with one line after
+    --timeout seconds, never hangs."""
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 20, encoding="utf-8")
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p0 = subprocess.Popen([sys.executable, "-m", "jaxllama", "perplexity", "--model", str(tiny_gguf), "--file",
+                           str(text), "--ctx", "16", "--quiet", "--timeout", "5", *cluster_flags(port, 2, 0)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p1 = subprocess.Popen([sys.executable, "-c", STALLING_PEER, f"127.0.0.1:{port}", peer], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p0.communicate(timeout=120)  # joining takes some seconds; then 5 s at most
+    finally:
+        for p in (p0, p1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p0.returncode != 0 and out == ""
+    assert "Traceback" not in err
+    if peer == "stall":
+        assert p0.returncode == 1
+        assert "process 0: no answer from the other processes within 5 s" in err
+
+
+def test_gathered_rows_keep_their_dtype_bit_for_bit():
+    from jaxllama.parallel.distributed import _unwire, _wire
+
+    a = np.array([[1 / 3, 1e-300], [np.pi, -0.0]], np.float64)
+    w = _wire(a)
+    assert w.dtype == np.uint32
+    back = _unwire(w, a)
+    assert back.dtype == np.float64 and back.tobytes() == a.tobytes()
+    flags = np.array([True, False])
+    assert _unwire(_wire(flags), flags).tolist() == [True, False]

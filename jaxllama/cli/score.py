@@ -32,6 +32,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in all")
     g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (process 0 prints)")
     g.add_argument("--dist-timeout", type=int, metavar="S", help="seconds to wait for the coordinator (60)")
+    g.add_argument("--timeout", type=int, metavar="S", help="seconds an exchange of results may wait for the "
+                   "other processes before this one stops with an error (600)")
 
 
 def mesh_of(args: argparse.Namespace) -> Any:
@@ -47,7 +49,8 @@ def start_cluster(args: argparse.Namespace) -> bool:
     """Join the processes the flags (or environment) name, before any JAX work; True in a cluster."""
     from ..parallel import cluster_from, initialize
 
-    cluster = cluster_from(args.coordinator, args.num_processes, args.process_id, args.dist_timeout)
+    cluster = cluster_from(args.coordinator, args.num_processes, args.process_id, args.dist_timeout,
+                           collective_timeout=args.timeout)
     initialize(cluster)
     if cluster is not None:
         _native_stdout_to_stderr()

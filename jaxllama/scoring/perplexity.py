@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..parallel.distributed import gather_rows, share
+from ..parallel.distributed import check_same_work, gather_rows, share
 from ..parallel.placement import padded_rows
 from .buckets import Batch, Row, RunStats, check_batch_size, plan, run
 from .kernels import score_rows
@@ -132,6 +132,9 @@ class Chunks:
             check_batch_size(batch_size)
         tokens = text_tokens(model, text)
         rows = chunk_rows(tokens, ctx, chunks, bos_for(model))
+        check_same_work(np.asarray(tokens[: len(rows) * ctx]), {  # every process: the same work, or all stop
+            "ctx": ctx, "chunks": len(rows), "weights": getattr(model, "weights", None),
+            "act_quant": getattr(model, "act_quant", None)})
         mine = share(len(rows))
         bs = batch_size or default_batch(ctx, max(1, len(mine)), getattr(model, "mesh", None))
         return cls(ctx, tokens, rows, mine, bs)
