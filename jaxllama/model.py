@@ -10,6 +10,7 @@ matrix products use full float32 precision on every backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -22,7 +23,7 @@ from .tracing.actquant import fake_quant, ggml_gelu, q8_1_sum_correction
 from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
 from . import kernels
-from .gguf.convert import NATIVE_KEYS, Params, is_native, is_packed, mark_native, native_values
+from .gguf.convert import NATIVE_KEYS, Params, is_native, is_packed, native_values
 from .tracing.probes import (
     ProbeSpec,
     capture_slots,
@@ -58,26 +59,42 @@ def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
     """`x [B, T, K]` (or `[..., K]`) `@ W.T` for a native leaf W `[N, K]` = scale * q (+ offset),
     in float32.
 
-    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. A decode step (one
-    token per row, T = 1), and any product of a leaf marked `"rows_kernel"` (generation's prefill:
-    `forward_step`), multiplies up to `kernels.MAX_ROWS` rows with `kernels.gemv`, which on CPU
-    reads the blocks in place and computes each row alike whatever the batch; every other product
-    (prompts, scoring) is XLA's matrix product with this layer's matrix in float32, built by
-    `kernels.dequant` (the values `native_values` gives, bit for bit), so a scored result does not
-    depend on which product a batch size would pick.
+    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. Which product
+    runs depends on the tokens per row alone, never on the batch, so a prompt's logits do not
+    change with the rows it is batched with, nor between `generate`'s prefill and `logits`:
+    one token per row (decode steps; T = 1) goes through `kernels.gemv`, `kernels.MAX_ROWS` rows
+    per call, which reads the blocks in place and computes each row alike whatever the batch;
+    more tokens per row (prompts, scoring) go through XLA's matrix product with this layer's
+    matrix in float32, built by `kernels.dequant` (the values `native_values` gives, bit for bit;
+    XLA may block a product or an attention differently for another row count, which moves a
+    prompt's logits within the float32 reordering bound, tests/test_batch_invariance.py). On a
+    mesh (`rules.mark_sharded`) XLA's product partitions; without the kernels (GPU/TPU) one row
+    is XLA's fused matrix-vector product.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k).astype(jnp.float32)
     layer = leaf.get("layer")
     blocks = {key: leaf[key] for key in NATIVE_KEYS if key in leaf}
-    step = len(lead) >= 2 and lead[-1] == 1
-    if "sharded" in leaf:  # on a mesh (`rules.mark_sharded`), XLA's product partitions
+    one_token = len(lead) >= 2 and lead[-1] == 1  # [B, 1, K]: decode steps
+    if "sharded" in leaf:
         return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
-    if (step or "rows_kernel" in leaf) and rows.shape[0] <= kernels.MAX_ROWS:
-        return kernels.gemv(rows, blocks, layer, xla_native_dense).reshape(*lead, -1)
-    if rows.shape[0] == 1:  # XLA fuses the dequantization into a matrix-vector product
+    if one_token and kernels.available():
+        return gemv_rows(rows, blocks, layer).reshape(*lead, -1)
+    if rows.shape[0] == 1:  # pure JAX: XLA fuses the dequantization into a matrix-vector product
         return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
     return dequant_dense(rows, blocks, layer).reshape(*lead, -1)
+
+
+def gemv_rows(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> jax.Array:
+    """`rows [M, K] @ W.T` through `kernels.gemv`, `kernels.MAX_ROWS` rows per call (each row's
+    sum is the same whichever call it is in); pure JAX where the kernel is not available."""
+    per = kernels.MAX_ROWS
+    if rows.shape[0] <= per:
+        return kernels.gemv(rows, blocks, layer, xla_native_dense)
+    pad = -rows.shape[0] % per
+    chunks = jnp.pad(rows, ((0, pad), (0, 0))).reshape(-1, per, rows.shape[-1])
+    out = lax.map(lambda r: kernels.gemv(r, blocks, layer, xla_native_dense), chunks)
+    return out.reshape(-1, out.shape[-1])[: rows.shape[0]]
 
 
 # The most float32 bytes of one matrix a many-row product builds at once. The default model's
@@ -179,13 +196,19 @@ def materialized(x: jax.Array, data: jax.Array) -> jax.Array:
     return lax.cond(jnp.min(data) >= -1, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ggml: bool = False) -> jax.Array:
-    """RMSNorm over the last axis, as ggml_rms_norm followed by ggml_mul.
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ggml: bool | None = None) -> jax.Array:
+    """RMSNorm over the last axis, rounded as llama.cpp's CPU backend rounds ggml_rms_norm
+    followed by ggml_mul: float32 squares summed in float64, the mean rounded to float32,
+    `1/sqrtf(mean + eps)`, then `(x * s) * scale`.
 
-    `ggml=True` rounds as llama.cpp's CPU backend does: float32 squares summed in float64,
-    the mean rounded to float32, `1/sqrtf(mean + eps)`, then `(x * s) * scale`. Bit-exact
-    inputs matter where activations are quantized next (`actquant`): an ulp moves a q8 rounding.
+    Summing in float64 also makes the result independent of how XLA vectorizes the reduction for
+    a batch's shape (a float32 sum moved by an ulp between 1 and 8 rows, where the residual
+    stream carries massive activations), and an ulp in front of a q8 rounding can move it
+    (`--act-quant`). `ggml=None` does this wherever float64 is at hand (not on TPU); `False`
+    sums in float32 (`x * rsqrt(mean + eps) * scale`).
     """
+    if ggml is None:
+        ggml = jax.default_backend() != "tpu"
     if ggml:  # barriers keep XLA from rewriting `/ n` as `* (1/n)` and `1/sqrt` as an rsqrt
         with jax.enable_x64(True):
             total = jnp.sum(jnp.square(x).astype(jnp.float64), axis=-1, keepdims=True)
@@ -393,7 +416,7 @@ def block(
     residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
-    norm = partial(rms_norm, ggml=aq.get("norm") == "ggml")
+    norm = partial(rms_norm, ggml=True if aq.get("norm") == "ggml" else None)
 
     def mm(name: str, h: jax.Array) -> jax.Array:
         return project(h, p[name], aq.get(name))
@@ -453,7 +476,7 @@ def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> ja
 
 def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
     """Final RMSNorm and output projection (the embedding, transposed, when tied): logits."""
-    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps, aq.get("norm") == "ggml"))
+    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps, True if aq.get("norm") == "ggml" else None))
     leaf = dict(p.get("output", {}))
     if c.tied_output:
         embd = p["token_embd"]
@@ -517,6 +540,95 @@ def choose_kind(slides: jax.Array, kinds: Kinds, vis: Visibility, c: LlamaConfig
     return rot, vis._replace(window=window)
 
 
+@dataclass(frozen=True)
+class Run:
+    """What one pass of the model computes, beyond its inputs (static: part of the compiled
+    program's identity). Every way of running the model is one of these through `run_model`'s
+    single layer scan; a new way is a field here and a line in the body, not another loop.
+
+    probes: statistics, captures and interventions (`tracing.probes`); act_quant: llama.cpp's
+    activation quantization to emulate (`actquant.act_quant_plan`); scan_layers: `lax.scan`
+    over layers, or unrolled (same numbers, compile time grows with depth); head: False stops at
+    the residual stream after the last layer (scoring applies the head itself, a block at a
+    time); last_only: the head sees each row's last token only (a prefill's logits).
+    """
+
+    probes: ProbeSpec = ProbeSpec()
+    act_quant: tuple[tuple[str, str | None], ...] | None = None
+    scan_layers: bool = True
+    head: bool = True
+    last_only: bool = False
+
+
+class Cached(NamedTuple):
+    """A KV cache taking part in a pass: `k`, `v` `[L, B, S, K, d]` and the first slot written."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+
+
+def run_model(params: Params, tokens: jax.Array, config: LlamaConfig, run: Run, positions: jax.Array,
+              vis: Visibility, valid: jax.Array, cached: Cached | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array], Cached | None]:
+    """The one forward pass every entry point runs: embedding, one scanned layer body, head.
+
+    Returns (logits `[B, T, V]` or, with `run.head` False, the residual stream `[B, T, D]`;
+    captures `{probe: [kept layers, B, T, ...]}` and global ones `{probe: [B, T, ...]}`; the
+    updated cache, or None). `positions`, `vis` and `valid` (`[B, T]`: False at padding) come
+    from the caller: a plain forward numbers tokens from 0, a cached step from its slots.
+    """
+    p, c, spec = params["params"], config, run.probes
+    aq = dict(run.act_quant or ())
+    freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
+    kinds = layer_kinds(c, positions, freq_factors)
+    glob: dict[str, jax.Array] = {}
+    gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
+    x = embed(p, tokens, c, gtap)
+
+    kept = capture_slots(spec, c)
+    bufs = {
+        name: jnp.zeros((sum(s >= 0 for s in kept), *probe_shape(name, c, *tokens.shape)), jnp.float32)
+        for name in spec.capture
+        if name in c.layer_probes
+    }
+    slot_table = jnp.asarray(kept, jnp.int32)
+    # one query per row against the cache through the attention kernel, on one device (on a mesh,
+    # `rules.shard_params`, XLA's attention partitions)
+    kernel = cached is not None and "sharded" not in params
+
+    def body(carry, xs):
+        x, bufs, kv = carry
+        layer, slides = xs
+        seen: dict[str, jax.Array] = {}
+        tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
+        rot, layer_vis = choose_kind(slides, kinds, vis, c)
+        step = None if kv is None else (kv[0], kv[1], layer, cached.start)
+        x, kv = block(x, layer_params(p["layers"], layer), rot, layer_vis, c, tap, aq, step, kernel=kernel)
+        emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
+        return (x, store_captures(bufs, seen, slot_table[layer]), kv), None
+
+    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
+    carry = (x, bufs, None if cached is None else (cached.k, cached.v))
+    if run.scan_layers:
+        carry, _ = lax.scan(body, carry, xs)
+    else:
+        for i in range(c.n_layer):
+            carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
+    x, bufs, kv = carry
+    out_cache = None if kv is None else Cached(kv[0], kv[1], cached.start)
+    if not run.head:
+        return x, bufs, out_cache
+    if run.last_only:  # the embedding's statistics first, for every token; then the head's, for the last
+        emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
+        x, valid, positions, glob = x[:, -1:], valid[:, -1:], positions[:, -1:], {}
+        gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
+    logits = head(p, x, c, aq, gtap)
+    emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
+    captures = {**bufs, **{n: glob[n] for n in spec.capture if n in c.global_probes}}
+    return logits, captures, out_cache
+
+
 def forward(
     params: Params,
     tokens: jax.Array,
@@ -552,48 +664,10 @@ def forward_capture(
     Captures are `{probe: [n_layers_kept, B, T, ...]}` for layer probes (layers in
     `probes.capture_layers`, ascending) and `{probe: [B, T, ...]}` for global ones.
     """
-    p = params["params"]
-    c = config
-    spec = probes or ProbeSpec()
-    aq = dict(act_quant or ())
     positions, vis = positions_and_mask(tokens, valid)
     valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
-    freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
-    kinds = layer_kinds(c, positions, freq_factors)
-
-    glob: dict[str, jax.Array] = {}
-    gtap = make_tap(spec, jnp.int32(-1), glob, positions)
-    x = embed(p, tokens, c, gtap)
-
-    kept = capture_slots(spec, c)
-    bufs = {
-        name: jnp.zeros((sum(s >= 0 for s in kept), *probe_shape(name, c, *tokens.shape)), jnp.float32)
-        for name in spec.capture
-        if name in c.layer_probes
-    }
-    slot_table = jnp.asarray(kept, jnp.int32)
-
-    def body(carry, xs):
-        x, bufs = carry
-        layer, slides = xs
-        lp = layer_params(p["layers"], layer)
-        seen: dict[str, jax.Array] = {}
-        rot, layer_vis = choose_kind(slides, kinds, vis, c)
-        x, _ = block(x, lp, rot, layer_vis, c, make_tap(spec, layer, seen, positions) if spec.active else no_tap, aq)
-        emit_stats(spec, layer, seen, valid_rows, c.layer_probes, positions)
-        bufs = store_captures(bufs, seen, slot_table[layer])
-        return (x, bufs), None
-
-    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
-    if scan_layers:
-        (x, bufs), _ = lax.scan(body, (x, bufs), xs)
-    else:
-        for i in range(c.n_layer):
-            (x, bufs), _ = body((x, bufs), jax.tree.map(lambda a: a[i], xs))
-
-    logits = head(p, x, c, aq, gtap)
-    emit_stats(spec, jnp.int32(-1), glob, valid_rows, c.global_probes, positions)
-    captures = {**bufs, **{n: glob[n] for n in spec.capture if n in c.global_probes}}
+    run = Run(probes or ProbeSpec(), act_quant, scan_layers)
+    logits, captures, _ = run_model(params, tokens, config, run, positions, vis, valid_rows)
     return logits, captures
 
 
@@ -609,19 +683,9 @@ def forward_hidden(
     Scoring applies `head` to the positions it needs, a block at a time, so no `[B, T, vocab]`
     array is built; same numbers as `forward` (no probes here).
     """
-    p = params["params"]
-    c = config
-    aq = dict(act_quant or ())
     positions, vis = positions_and_mask(tokens, valid)
-    kinds = layer_kinds(c, positions, p["rope"]["freq_factors"] if c.has_rope_freqs else None)
-
-    def body(x, xs):
-        layer, slides = xs
-        rot, layer_vis = choose_kind(slides, kinds, vis, c)
-        return block(x, layer_params(p["layers"], layer), rot, layer_vis, c, no_tap, aq)[0], None
-
-    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
-    return lax.scan(body, embed(p, tokens, c), xs)[0]
+    valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
+    return run_model(params, tokens, config, Run(act_quant=act_quant, head=False), positions, vis, valid_rows)[0]
 
 
 def forward_step(
@@ -646,52 +710,23 @@ def forward_step(
     is a call with one token per row. `probes` (static) sends statistics and applies
     interventions as in `forward`, for the tokens of this call; captures are not supported here.
     `last_only` (static; a prefill's choice) gives logits `[B, 1, V]` of each row's last token
-    alone: the output matrix then multiplies B rows, not B * T (with native weights, a matrix-vector
-    product that never builds the float32 vocabulary matrix), and the probes of the final norm and
-    output see that position only.
+    alone: the output matrix then multiplies B rows, not B * T, and the probes of the final norm
+    and output see that position only.
     """
-    p = params["params"]
-    c = config
-    aq = dict(act_quant or ())
     b, t = tokens.shape
     s = cache["k"].shape[2]
     check_slots(start, t, s)
-    slots = start + jnp.arange(t)
-    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    vis = Visibility(jnp.broadcast_to(slots, (b, t)), jnp.arange(s)[None, :] >= pad[:, None])
-    freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
-    kinds = layer_kinds(c, positions, freq_factors)
     spec = probes or ProbeSpec()
     if spec.capture:
         raise InvalidInputError("capture is not supported in the cached decode step (generation); "
                                 "capture with a plain forward (Model.logits) of the generated tokens")
+    slots = start + jnp.arange(t)
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    vis = Visibility(jnp.broadcast_to(slots, (b, t)), jnp.arange(s)[None, :] >= pad[:, None])
     valid = slots[None, :] >= pad[:, None]
-    on_one_device = "sharded" not in params  # on a mesh (`rules.shard_params`) XLA's attention partitions
-
-    def body(carry, xs):
-        x, ck, cv = carry
-        layer, slides = xs
-        lp = layer_params(p["layers"], layer)
-        if on_one_device:  # a short prompt's products through the kernel too: no float32 matrices built
-            lp = mark_native(lp, "rows_kernel")
-        seen: dict[str, jax.Array] = {}
-        tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
-        rot, layer_vis = choose_kind(slides, kinds, vis, c)
-        x, (ck, cv) = block(x, lp, rot, layer_vis, c, tap, aq, (ck, cv, layer, start), kernel=on_one_device)
-        emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
-        return (x, ck, cv), None
-
-    glob: dict[str, jax.Array] = {}
-    gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
-    xs = (jnp.arange(c.n_layer, dtype=jnp.int32), jnp.asarray(c.swa_layers))
-    (x, k, v), _ = lax.scan(body, (embed(p, tokens, c, gtap), cache["k"], cache["v"]), xs)
-    if last_only:  # the embedding's statistics first, for every token; then the head's, for the last
-        emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
-        x, valid, positions, glob = x[:, -1:], valid[:, -1:], positions[:, -1:], {}
-        gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
-    logits = head(p, x, c, aq, gtap)
-    emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
-    return logits, {"k": k, "v": v}
+    run = Run(spec, act_quant, last_only=last_only)
+    logits, _, out = run_model(params, tokens, config, run, positions, vis, valid, Cached(cache["k"], cache["v"], start))
+    return logits, {"k": out.k, "v": out.v}
 
 
 def check_slots(start: Any, t: int, s: int) -> None:

@@ -53,11 +53,11 @@ DEQUANT_TARGET = "jaxllama_dequant_v3"
 #: Compiler flags. -ffp-contract=off: the dequantization rounds a product, then a sum, as pure JAX
 #: does (a fused multiply-add would round once and give other values).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wno-psabi", "-Wno-attributes")
-#: Rows of x up to which the kernel is used (decode steps, generation's prefill); more rows are a
-#: matrix product XLA does better (on a 2-core Xeon, a 30-layer forward of 16 rows took 47 ms
-#: through the kernel and 62 ms as XLA's product on built float32 matrices, 32 rows 89 and 86 ms,
-#: 64 rows 173 and 120 ms). Below it no float32 matrix is built: a short prompt's prefill holds
-#: 14 MB less.
+#: Rows of x per call of the kernel (decode steps: one token per row; a batch of more rows calls
+#: it again, each row computed alike whatever the batch). Prompts (more than one token per row)
+#: are XLA's product on the layer's float32 matrix whatever their size, so a prompt's logits do
+#: not change with its batch (on a 2-core Xeon a 30-layer forward of 16 rows took 47 ms through
+#: the kernel and 62 ms as XLA's product, 32 rows 89 and 86 ms, 64 rows 173 and 120 ms).
 MAX_ROWS = 32
 
 
