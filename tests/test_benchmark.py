@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxllama.benchmark import parse_sections, peak_rss_mb
+from jaxllama.bench import parse_sections, peak_rss_mb
 from jaxllama.errors import InvalidInputError
 
 
@@ -14,7 +14,7 @@ def test_child_peak_rss_is_its_own_not_the_parents():
     """ru_maxrss survives fork and exec on Linux; the benchmark's children must not report it."""
     ballast = np.ones(300 * 2**20 // 8)  # 300 MB resident in this (parent) process
     parent = peak_rss_mb()
-    code = "from jaxllama.benchmark import peak_rss_mb; print(peak_rss_mb())"
+    code = "from jaxllama.bench import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert parent >= 300 and child < parent - 250, (parent, child)
     assert ballast.sum() > 0
@@ -34,7 +34,7 @@ def test_decode_bytes_are_the_files_tensors(tiny_factory, tied):
     import gguf
 
     import jaxllama
-    from jaxllama.benchmark_device import weight_bytes
+    from jaxllama.bench.device import weight_bytes
     from tiny_models import TinySpec
 
     path = tiny_factory(TinySpec(tied=tied))

@@ -199,7 +199,7 @@ def test_load_returns_the_conversions_memory(default_gguf, tmp_path, kept):
     before `release_freed_memory`, 1.33x after), whether it converted or read a kept
     conversion (then 1.0x: the arrays it read are freed). Bounds memory, not time."""
     code = ("import json, sys, jax, jaxllama\n"
-            "from jaxllama.benchmark import peak_rss_mb\n"
+            "from jaxllama.bench import peak_rss_mb\n"
             "jax.numpy.zeros(1).block_until_ready()\n"
             "base = peak_rss_mb('VmRSS')\n"
             "m = jaxllama.load(sys.argv[1])\n"

@@ -33,7 +33,7 @@ def cli(capsys, *args):
     (["--decode-tokens", "1000000000"], "--decode-tokens must be in 1..4096"),
 ])
 def test_bench_refuses_bad_arguments_before_any_work(capsys, monkeypatch, tiny_gguf, args, words):
-    import jaxllama.benchmark as bench
+    import jaxllama.bench as bench
 
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("benchmarked with a bad argument"))
     code, out, err = cli(capsys, "bench", "--model", tiny_gguf, *args)

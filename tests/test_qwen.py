@@ -174,7 +174,7 @@ def test_every_matrix_type_has_a_native_kernel_path(qwen):
     matrix is held as GGUF blocks (4/5/8-bit) and decoded through the gemv kernel; the 5-bit
     layout exactly where the file has Q5_0 alone."""
     from jaxllama import kernels
-    from jaxllama.benchmark import kernel_table
+    from jaxllama.bench import kernel_table
 
     rows = kernel_table(qwen)
     assert len(rows) == 8 and kernels.available()

@@ -288,7 +288,7 @@ def test_reading_text_files(tmp_path):
 
 SAVED_BASE_RUN = """
 import json, sys, jax, jaxllama
-from jaxllama.benchmark import peak_rss_mb
+from jaxllama.bench import peak_rss_mb
 from jaxllama.scoring import kl_divergence
 from jaxllama.scoring.kld import SavedBase
 model = jaxllama.load(sys.argv[1])

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jaxllama  # noqa: E402
-from jaxllama.benchmark import machine  # noqa: E402
+from jaxllama.bench import machine  # noqa: E402
 from texts import licence_text  # noqa: E402
 
 INPUTS = ("attn_norm", "kqv_out", "ffn_norm", "ffn_swiglu", "l_out")

@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     add_score_parsers(sub, _model_arg)
     add_cache_parser(sub)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
-    from ..benchmark import add_arguments
+    from ..bench import add_arguments
 
     add_arguments(bench)
     return ap
@@ -368,7 +368,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..benchmark import check_arguments, run
+    from ..bench import check_arguments, run
 
     sections = check_arguments(args)
     result = run(_model_path(args.model), sections, args.repeats, args.threads, args.decode_tokens)

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .benchmark import child_json
+from .common import child_json
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -36,7 +36,7 @@ MEMORY = """
 import json, sys
 import numpy as np
 import jaxllama
-from jaxllama.benchmark import peak_rss_mb
+from jaxllama.bench import peak_rss_mb
 from jaxllama.scoring import token_logprobs
 model = jaxllama.load(sys.argv[1])
 text, n = open(sys.argv[2]).read(), int(sys.argv[3])

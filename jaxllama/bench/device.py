@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .benchmark import timed
+from .common import timed
 
 
 def copy_gb_s(repeats: int) -> float:
@@ -48,7 +48,7 @@ def matrix_shapes(params: Any) -> list[str]:
     """HLO spellings `f32[N,K]` of every native weight matrix, to look for outside fusions."""
     import jax
 
-    from .gguf.convert import is_native, native_width
+    from ..gguf.convert import is_native, native_width
 
     leaves = jax.tree.leaves(params, is_leaf=is_native)
     return sorted({f"f32[{leaf['q'].shape[-2]},{native_width(leaf)}]" for leaf in leaves if is_native(leaf)})
@@ -59,8 +59,8 @@ def compiled_kernels(model: Any) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from .hlo import kernel_counts, unfused
-    from .model import forward, forward_step, init_cache
+    from ..hlo import kernel_counts, unfused
+    from ..model import forward, forward_step, init_cache
 
     m = model
     prefill = jax.jit(forward, static_argnames="config").lower(
@@ -81,8 +81,8 @@ def bench_device(models: dict, repeats: int, n_new: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from .generation import Sampler, generate
-    from .model import forward_jit
+    from ..generation import Sampler, generate
+    from ..model import forward_jit
 
     rng = np.random.default_rng(0)
     greedy = Sampler(temperature=0.0)

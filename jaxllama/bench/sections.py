@@ -17,9 +17,9 @@ ratios measured in one run compare. Sections (`--only a,b`):
   tracing   cost of statistics of every probe at every layer
   tokenize  1 MB of text
   scoring   perplexity of a text (GPL-3, ctx 512): whole run and steady state next to
-            llama-perplexity's batching, and peak RSS scoring one long row (benchmark_scoring.py)
+            llama-perplexity's batching, and peak RSS scoring one long row (bench/scoring.py)
   device    no llama.cpp: prefill and decode on the JAX backend at hand (a GPU, say), the decode
-            step's share of a measured copy bandwidth, and the compiled kernels (benchmark_device.py)
+            step's share of a measured copy bandwidth, and the compiled kernels (bench/device.py)
 
 The default is every section but `device`, which `--only device` (with `fill`) runs where
 llama.cpp does not (an accelerator machine).
@@ -37,89 +37,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-ISA = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
+from .common import child_json, kernel_table, machine, peak_rss_mb, reset_peak_rss, run_child, timed
+
 SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring", "device")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # `device` is for machines where llama.cpp's side is not the point
 LAYOUTS = ("native", "float32")
 CHAT = "Write one sentence about the sea."
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    """Median wall time of `repeats` calls, and all of them."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
-
-
-def machine() -> dict[str, Any]:
-    """CPU model and instruction sets (machines of this kind differ), cores, jax and its backend."""
-    import jax
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    from . import kernels
-
-    return {"cpu": model, "isa": [f for f in ISA if f in flags], "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-            "matvec_kernel": kernels.isa()}
-
-
-def kernel_table(model: Any) -> list[dict[str, Any]]:
-    """Per matrix of `model`: its GGUF types, how the native layout holds it (bits per value,
-    group, scale dtype) and the kernels its products run through: decode steps and prompts of up
-    to `kernels.MAX_ROWS` rows through `gemv` (this CPU's `isa`), longer prompts and scoring
-    through `dequant` + XLA's matrix product; "xla" where no kernel is built (or off CPU)."""
-    from . import kernels
-    from .gguf.convert import MATRICES, matrix_tensors
-
-    p = model.params["params"]
-    isa = kernels.isa()
-    rows = []
-    for short in MATRICES:
-        leaf = p["layers"].get(short) if short != "output" else (p.get("output") or p["token_embd"])
-        names = matrix_tensors(short, model.config.n_layer, model.tensor_types)
-        types = sorted({model.tensor_types[n] for n in names})
-        if not isinstance(leaf, dict) or "q" not in leaf:
-            rows.append({"matrix": short, "gguf_types": types, "layout": "float32", "decode": "xla", "prompt": "xla"})
-            continue
-        bits = 5 if "qh" in leaf else 4 if leaf["q"].dtype == np.uint8 else 8
-        width = leaf["q"].shape[-1] * (2 if bits < 8 else 1)
-        rows.append({"matrix": short, "gguf_types": types, "layout": f"{bits}-bit",
-                     "group": width // leaf["scale"].shape[-1], "scale": str(leaf["scale"].dtype),
-                     "offset": "offset" in leaf, "decode": f"gemv ({isa})" if isa != "xla" else "xla (fused)",
-                     "prompt": f"dequant ({isa}) + XLA dot" if isa != "xla" else "xla"})
-    return rows
-
-
-def peak_rss_mb(field: str = "VmHWM") -> float:
-    """This process's peak resident memory in MB (or another /proc/self/status field: VmRSS is
-    the current one).
-
-    VmHWM starts afresh at exec; `getrusage().ru_maxrss`, the fallback off Linux, does not
-    (Linux carries it over fork and exec, so a child of a big benchmark process reports its
-    parent's peak).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _ratio(ours: float, theirs: float) -> float:
@@ -145,8 +72,8 @@ def bench_prefill(models: dict, path: Path, repeats: int, threads: int) -> dict[
     import jax
     import jax.numpy as jnp
 
-    from .model import forward_jit
-    from .reference import LlamaCpp
+    from ..model import forward_jit
+    from ..reference import LlamaCpp
 
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {}
@@ -182,8 +109,8 @@ def _llama_decode(ref: Any, prompts: list[list[int]], n_new: int) -> float:
 
 
 def bench_decode(models: dict, path: Path, repeats: int, threads: int, n_new: int) -> dict[str, Any]:
-    from .generation import Sampler, generate
-    from .reference import LlamaCpp
+    from ..generation import Sampler, generate
+    from ..reference import LlamaCpp
 
     greedy = Sampler(temperature=0.0)
     any_model = next(iter(models.values()))
@@ -208,7 +135,7 @@ def bench_decode(models: dict, path: Path, repeats: int, threads: int, n_new: in
 def bench_fill(model: Any, repeats: int) -> dict[str, Any]:
     """Decode speed with `fill` tokens already in a cache sized for 4,352: the cost should follow
     the filled length, not the cache size."""
-    from .generation import Sampler, stream
+    from ..generation import Sampler, stream
 
     rng = np.random.default_rng(2)
     out: dict[str, Any] = {"cache_slots": 4352}
@@ -228,23 +155,9 @@ def bench_fill(model: Any, repeats: int) -> dict[str, Any]:
     return out
 
 
-def _child(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def child_json(args: list[str], timeout: float = 1800) -> tuple[dict[str, Any], float]:
-    """Run `python *args`, whose last line of output is one JSON object: that object and the wall time."""
-    t = time.perf_counter()
-    done = _child(args, timeout)
-    wall = time.perf_counter() - t
-    if done.returncode:
-        raise RuntimeError(f"benchmark child {' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), wall
-
-
 def _child_rss(path: Path, what: str, layout: str, field: str = "peak_rss_mb") -> Any:
     """Peak RSS (MB) of a fresh process that only does `what` (see `_child_main`), or all it reports."""
-    cmd = ["-m", "jaxllama.benchmark", "--child", what, "--weights", layout, "--model", str(path)]
+    cmd = ["-m", "jaxllama.bench", "--child", what, "--weights", layout, "--model", str(path)]
     report = child_json(cmd, timeout=600)[0]
     return report if field == "all" else report[field]
 
@@ -314,7 +227,7 @@ def bench_latency(path: Path, repeats: int) -> dict[str, Any]:
 
     def whole(cmd: list[str]) -> float:
         t = time.perf_counter()
-        done = _child(cmd)
+        done = run_child(cmd)
         if done.returncode:
             raise RuntimeError(f"{cmd[:3]} failed: {done.stderr.strip().splitlines()[-1:]}")
         return time.perf_counter() - t
@@ -331,8 +244,8 @@ def bench_tracing(model: Any, repeats: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from .model import forward_jit
-    from .tracing.probes import RECEIVERS, ProbeSpec
+    from ..model import forward_jit
+    from ..tracing.probes import RECEIVERS, ProbeSpec
 
     rng, out = np.random.default_rng(1), {}
     sink = lambda layer, stats, positions, valid: None  # noqa: E731
@@ -359,7 +272,7 @@ def bench_tracing(model: Any, repeats: int) -> dict[str, Any]:
 
 
 def bench_tokenize(model: Any, path: Path, repeats: int) -> dict[str, Any]:
-    from .reference import LlamaCpp
+    from ..reference import LlamaCpp
 
     text = (Path(__file__).resolve().parent / "model.py").read_text()
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
@@ -373,9 +286,9 @@ def bench_tokenize(model: Any, path: Path, repeats: int) -> dict[str, Any]:
 def _child_main(what: str, layout: str, path: Path) -> None:
     """One isolated measurement in this process; prints its peak RSS as JSON."""
     if what == "llama_cpp_score":  # llama.cpp's perplexity over 2 chunks of ctx min(2048, context)
-        from .gguf.config import LlamaConfig
-        from .gguf.reader import read_gguf
-        from .scoring.llamacpp import llamacpp_perplexity
+        from ..gguf.config import LlamaConfig
+        from ..gguf.reader import read_gguf
+        from ..scoring.llamacpp import llamacpp_perplexity
 
         ctx = min(2048, LlamaConfig.from_gguf(read_gguf(path)).context_length)
         base = peak_rss_mb("VmRSS")
@@ -397,7 +310,7 @@ def _child_main(what: str, layout: str, path: Path) -> None:
     jax.numpy.zeros(1).block_until_ready()
     out: dict[str, float] = {}
     if what == "score":  # perplexity over 2 chunks of ctx min(2048, context), as a user runs it
-        from .scoring import perplexity
+        from ..scoring import perplexity
 
         model = jaxllama.load(path, weights=layout)
         ctx = min(2048, model.config.context_length)
@@ -408,7 +321,7 @@ def _child_main(what: str, layout: str, path: Path) -> None:
         model = jaxllama.load(path, weights=layout)
         jax.block_until_ready(model.params)
         if what == "decode":
-            from .generation import generate
+            from ..generation import generate
 
             jaxllama.use_compilation_cache()  # warm caches, as a user's second run has them
             prompt = model.tokenizer.encode("The history of the printing press")
@@ -419,16 +332,6 @@ def _child_main(what: str, layout: str, path: Path) -> None:
                 out["decode_phase_peak_rss_mb"] = peak_rss_mb()
     whole = max(peak_rss_mb(), out.get("load_peak_rss_mb", 0.0))  # VmHWM may have restarted after the load
     print(json.dumps({"peak_rss_mb": whole, **out}))
-
-
-def reset_peak_rss() -> bool:
-    """Start this process's VmHWM afresh from its current RSS (Linux: `/proc/self/clear_refs`),
-    so a later peak is that of what ran since; False where that cannot be done."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decode_tokens: int) -> dict[str, Any]:
@@ -452,7 +355,7 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
     if "tracing" in sections:
         r["tracing"] = bench_tracing(models["native"], repeats)
     if "device" in sections:
-        from .benchmark_device import bench_device
+        from .device import bench_device
 
         r["device"] = bench_device(models, repeats, decode_tokens)
     if "tokenize" in sections:
@@ -463,7 +366,7 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
     if "latency" in sections:
         r["latency"] = bench_latency(path, repeats)
     if "scoring" in sections:
-        from .benchmark_scoring import bench_scoring
+        from .scoring import bench_scoring
 
         r["scoring"] = bench_scoring(path, repeats, threads)
     return r
@@ -483,7 +386,7 @@ MAX_DECODE_TOKENS = 4096  # a decode measurement's cache holds the prompt and th
 def check_arguments(args: argparse.Namespace) -> tuple[str, ...]:
     """Every argument checked before any work (a bad one found after minutes of measuring is a
     waste); returns the sections to run."""
-    from .errors import InvalidInputError
+    from ..errors import InvalidInputError
 
     if args.repeats < 1:
         raise InvalidInputError(f"--repeats must be >= 1, got {args.repeats}")
@@ -495,7 +398,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def parse_sections(text: str | None) -> tuple[str, ...]:
-    from .errors import InvalidInputError
+    from ..errors import InvalidInputError
 
     if text is None:
         return DEFAULT_SECTIONS
@@ -512,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="native", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    from .gguf.default_model import resolve_model
+    from ..gguf.default_model import resolve_model
 
     path = resolve_model(args.model)
     if args.child:
