@@ -20,7 +20,10 @@ What is llama.cpp's (src/llama-vocab.cpp) and re-expressed here:
 
 The merging itself runs in the `tokenizers` library (Rust): a BPE model built from the vocab
 and merges (for SentencePiece: merges derived from the scores), so 1 MB of text takes well
-under a second.
+under a second. By job: vocab.py (attribute bits, the metadata arrays), special.py (end-of-
+generation and fill-in-the-middle texts, cutting special tokens out), spm.py (SentencePiece
+merges), bpe.py (the byte alphabet), pretokenizers.py (llama.cpp's BPE pre-tokenizer regexes);
+this file puts them together.
 """
 
 from __future__ import annotations
@@ -35,112 +38,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import GGUFFormatError, InvalidInputError, UnsupportedModelError
+from .bpe import bpe_piece
 from .pretokenizers import PreTokenizer, bpe_pre_tokenizer
-
-# llama_token_attr bits (llama.h)
-ATTR_UNDEFINED = 0
-ATTR_UNKNOWN = 1 << 0
-ATTR_UNUSED = 1 << 1
-ATTR_NORMAL = 1 << 2
-ATTR_CONTROL = 1 << 3
-ATTR_USER_DEFINED = 1 << 4
-ATTR_BYTE = 1 << 5
-ATTR_LSTRIP = 1 << 7
-ATTR_RSTRIP = 1 << 8
-
-# tokenizer.ggml.token_type values -> attributes
-_TYPE_TO_ATTR = {1: ATTR_NORMAL, 2: ATTR_UNKNOWN, 3: ATTR_CONTROL, 4: ATTR_USER_DEFINED, 5: ATTR_UNUSED, 6: ATTR_BYTE}
-
-# Token texts llama.cpp treats as end of generation (and therefore CONTROL), whatever the file says.
-_EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
-})
-# Fill-in-the-middle texts: llama.cpp marks the one it picks CONTROL when the file names no id.
-_FIM_TEXTS: dict[str, tuple[str, ...]] = {
-    "tokenizer.ggml.fim_pre_token_id": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>",
-                                         "<PRE>", "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>"),
-    "tokenizer.ggml.fim_suf_token_id": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>",
-                                         "<SUF>", "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>"),
-    "tokenizer.ggml.fim_mid_token_id": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>",
-                                         "<MID>", "\u2581<MID>", "<|code_middle|>", "<|middle|>"),
-    "tokenizer.ggml.fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
-    "tokenizer.ggml.fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
-    "tokenizer.ggml.fim_sep_token_id": ("<|file_sep|>",),
-}
-_FIM_EOG_KEYS = ("tokenizer.ggml.fim_pad_token_id", "tokenizer.ggml.fim_rep_token_id", "tokenizer.ggml.fim_sep_token_id")
-
-_C_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale: what llama.cpp's lstrip/rstrip remove
-_SPM_SPACE = "\u2581"
-
-SUPPORTED_MODELS = ("llama", "gpt2")
-_OTHER_MODELS = {
-    "bert": "WordPiece (BERT) vocabularies",
-    "t5": "Unigram (T5) vocabularies",
-    "rwkv": "RWKV vocabularies",
-    "plamo2": "PLaMo-2 vocabularies",
-    "gemma4": "Gemma-4's SentencePiece-style BPE",
-    "hybriddna": "hybrid DNA vocabularies",
-    "whitespace": "whitespace-split vocabularies",
-    "no_vocab": "files without a vocabulary",
-    "none": "files without a vocabulary",
-}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: every byte as one printable character."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_BYTE_TO_CHAR = _bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def _utf8(text: str) -> bytes:
-    """A token text's bytes, including invalid UTF-8 kept as surrogate escapes by the GGUF reader."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _is_valid_text(text: str) -> bool:
-    """False for a token text holding invalid UTF-8: no valid input can produce it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _bpe_piece(text: str) -> bytes:
-    """A NORMAL byte-level BPE token's bytes (llama.cpp's `llama_decode_text`)."""
-    out = bytearray()
-    for ch in text:
-        b = _CHAR_TO_BYTE.get(ch)
-        if b is not None:
-            out.append(b)
-        else:  # not in the byte alphabet: llama.cpp writes a marker naming it
-            out += b"[UNK_BYTE_0x" + _utf8(ch).hex().encode() + _utf8(text) + b"]"
-    return bytes(out)
-
-
-def _as_list(value: Any, key: str, n: int | None = None) -> list:
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        raise GGUFFormatError(f"{key}: expected an array, got {type(value).__name__}")
-    if n is not None and len(value) < n:
-        raise GGUFFormatError(f"{key}: {len(value)} entries for {n} tokens")
-    return list(value)
-
+from .special import EOG_TEXTS, FIM_EOG_KEYS, FIM_TEXTS, partition
+from .spm import SPM_SPACE, spm_merges
+from .vocab import (ATTR_BYTE, ATTR_CONTROL, ATTR_LSTRIP, ATTR_NORMAL, ATTR_RSTRIP, ATTR_UNDEFINED, ATTR_UNKNOWN,
+                    ATTR_USER_DEFINED, OTHER_MODELS, SUPPORTED_MODELS, TYPE_TO_ATTR, as_list, is_valid_text, utf8)
 
 class Tokenizer:
     """Encode and decode text exactly as llama.cpp does for this GGUF vocabulary."""
@@ -153,7 +56,7 @@ class Tokenizer:
         if model is None or "tokenizer.ggml.tokens" not in md:
             raise UnsupportedModelError(f"{name}: no tokenizer metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)")
         if model not in SUPPORTED_MODELS:
-            what = _OTHER_MODELS.get(model, "this vocabulary type")
+            what = OTHER_MODELS.get(model, "this vocabulary type")
             raise UnsupportedModelError(
                 f"{name}: tokenizer type {model!r} is not supported ({what}); supported: llama (SentencePiece), gpt2 (BPE)"
             )
@@ -161,7 +64,7 @@ class Tokenizer:
         self.is_spm = model == "llama"
         self.pre: PreTokenizer | None = None if self.is_spm else bpe_pre_tokenizer(md.get("tokenizer.ggml.pre"))
 
-        tokens = _as_list(md["tokenizer.ggml.tokens"], "tokenizer.ggml.tokens")
+        tokens = as_list(md["tokenizer.ggml.tokens"], "tokenizer.ggml.tokens")
         n = len(tokens)
         if n == 0:
             raise GGUFFormatError(f"{name}: tokenizer.ggml.tokens is empty")
@@ -174,20 +77,20 @@ class Tokenizer:
             raise GGUFFormatError(f"{name}: tokenizer.ggml.tokens has duplicate entries")
         scores = md.get("tokenizer.ggml.scores")
         self.scores: list[float] = (
-            [float(s) for s in _as_list(scores, "tokenizer.ggml.scores", n)[:n]] if scores is not None else [0.0] * n
+            [float(s) for s in as_list(scores, "tokenizer.ggml.scores", n)[:n]] if scores is not None else [0.0] * n
         )
         types = md.get("tokenizer.ggml.token_type")
         if types is None:
             attrs = [ATTR_NORMAL] * n
         else:
-            attrs = [_TYPE_TO_ATTR.get(int(t), ATTR_UNDEFINED) for t in _as_list(types, "tokenizer.ggml.token_type", n)[:n]]
+            attrs = [TYPE_TO_ATTR.get(int(t), ATTR_UNDEFINED) for t in as_list(types, "tokenizer.ggml.token_type", n)[:n]]
         self._attrs = attrs
 
         self._init_flags(md)
         self._init_special(md)
         self.chat_template: str | None = md.get("tokenizer.chat_template")
         self.architecture: str | None = md.get("general.architecture")
-        self._merges = None if self.is_spm else _as_list(md.get("tokenizer.ggml.merges", []), "tokenizer.ggml.merges")
+        self._merges = None if self.is_spm else as_list(md.get("tokenizer.ggml.merges", []), "tokenizer.ggml.merges")
         if not self.is_spm and not self._merges:
             raise UnsupportedModelError(f"{name}: BPE vocabulary without tokenizer.ggml.merges")
 
@@ -227,7 +130,7 @@ class Tokenizer:
         attrs, t2i = self._attrs, self.token_to_id
         eog: set[int] = set()
         fim: dict[str, int] = {}
-        for key, texts in _FIM_TEXTS.items():
+        for key, texts in FIM_TEXTS.items():
             tid = self._id(md, key, None)
             if tid is None:
                 found = [t2i[t] for t in texts if t in t2i]
@@ -236,7 +139,7 @@ class Tokenizer:
                     attrs[tid] |= ATTR_CONTROL
             if tid is not None:
                 fim[key] = tid
-        for key in _FIM_EOG_KEYS:
+        for key in FIM_EOG_KEYS:
             if key in fim:
                 eog.add(fim[key])
         if self.eot_id is None:
@@ -246,7 +149,7 @@ class Tokenizer:
             self.eot_id = min(found) if found else None
         if self.eom_id is None and "<|eom_id|>" in t2i:
             self.eom_id = t2i["<|eom_id|>"]
-        for text in _EOG_TEXTS:
+        for text in EOG_TEXTS:
             if text in t2i:
                 eog.add(t2i[text])
                 attrs[t2i[text]] |= ATTR_CONTROL
@@ -270,7 +173,7 @@ class Tokenizer:
 
         # special tokens, longest text (in bytes) first, as llama.cpp's cache_special_tokens
         special = [i for i, a in enumerate(attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)]
-        special.sort(key=lambda i: -len(_utf8(self.tokens[i])))
+        special.sort(key=lambda i: -len(utf8(self.tokens[i])))
         self._special = special
 
         model_name = str(md.get("general.name", "")).lower()
@@ -301,7 +204,7 @@ class Tokenizer:
         if self.is_spm:
             byte_ok = all(f"<0x{b:02X}>" in vocab for b in range(256))
             unk = self.tokens[self.unk_id] if self.unk_id is not None and self.tokens[self.unk_id] in vocab else None
-            bpe = models.BPE(vocab=vocab, merges=self._spm_merges(vocab), unk_token=unk, byte_fallback=byte_ok)
+            bpe = models.BPE(vocab=vocab, merges=spm_merges(vocab, self.scores), unk_token=unk, byte_fallback=byte_ok)
             return HFTokenizer(bpe)
         assert self.pre is not None
         # llama.cpp keeps a repeated merge's first rank (dict.fromkeys: the first of equal lines);
@@ -320,21 +223,7 @@ class Tokenizer:
         """The vocabulary the merging engine sees: entries of invalid UTF-8 are left out (the
         engine takes only valid text, and no valid input can produce them); they keep their
         ids and bytes for decoding."""
-        return {t: i for t, i in self.token_to_id.items() if _is_valid_text(t)}
-
-    def _spm_merges(self, vocab: dict[str, int]) -> list[tuple[str, str]]:
-        """SentencePiece merges as BPE ranks: every split of a token into two tokens, ranked by
-        the merged token's score (llama.cpp merges the highest-scoring pair first)."""
-        scores = self.scores
-        ranked: list[tuple[float, int, int, str, str]] = []
-        for text, tid in vocab.items():
-            for k in range(1, len(text)):
-                a, b = text[:k], text[k:]
-                ia, ib = vocab.get(a), vocab.get(b)
-                if ia is not None and ib is not None:
-                    ranked.append((-scores[tid], ia, ib, a, b))
-        ranked.sort()
-        return [(a, b) for _, _, _, a, b in ranked]
+        return {t: i for t, i in self.token_to_id.items() if is_valid_text(t)}
 
     # ---- basic facts --------------------------------------------------------------------
 
@@ -374,36 +263,6 @@ class Tokenizer:
 
     # ---- encode -------------------------------------------------------------------------
 
-    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
-        """Cut special-token texts out of `text`, longest first (llama.cpp's tokenizer_st_partition)."""
-        frags: list[str | int] = [text]
-        attrs, tokens = self._attrs, self.tokens
-        for tid in self._special:
-            attr = attrs[tid]
-            if not parse_special and attr & (ATTR_CONTROL | ATTR_UNKNOWN):
-                continue  # user-defined tokens are matched even without parse_special
-            needle = tokens[tid]
-            if not any(isinstance(f, str) and needle in f for f in frags):
-                continue
-            out: list[str | int] = []
-            for f in frags:
-                if isinstance(f, int) or needle not in f:
-                    out.append(f)
-                    continue
-                parts = f.split(needle)
-                last = len(parts) - 1
-                for k, part in enumerate(parts):
-                    if k > 0:
-                        out.append(tid)
-                        if attr & ATTR_RSTRIP:
-                            part = part.lstrip(_C_SPACE)
-                    if k < last and attr & ATTR_LSTRIP:
-                        part = part.rstrip(_C_SPACE)
-                    if part:
-                        out.append(part)
-            frags = out
-        return frags
-
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of `text`, as llama.cpp's `llama_tokenize(text, add_special, parse_special)`."""
         if not isinstance(text, str):
@@ -417,13 +276,13 @@ class Tokenizer:
             if self.bos_id is None:
                 raise InvalidInputError("add_special: this vocabulary asks for BOS but has no BOS token")
             out.append(self.bos_id)
-        frags = self._partition(text, parse_special) if text else []
+        frags = partition(text, parse_special, self._special, self._attrs, self.tokens) if text else []
         raw: list[str] = []
         prev_special = True
         for f in frags:
             if isinstance(f, str):
                 if self.is_spm:
-                    f = ((" " if self.add_space_prefix and prev_special else "") + f).replace(" ", _SPM_SPACE)
+                    f = ((" " if self.add_space_prefix and prev_special else "") + f).replace(" ", SPM_SPACE)
                 raw.append(f)
                 prev_special = False
             else:
@@ -459,9 +318,9 @@ class Tokenizer:
             if attr & (ATTR_UNKNOWN | ATTR_CONTROL) and not special:
                 piece = b""  # special=False: control and unknown tokens render as nothing
             elif attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
-                piece = _utf8(text)
+                piece = utf8(text)
             elif attr & ATTR_NORMAL:
-                piece = _utf8(text.replace(_SPM_SPACE, " ")) if self.is_spm else _bpe_piece(text)
+                piece = utf8(text.replace(SPM_SPACE, " ")) if self.is_spm else bpe_piece(text)
             elif attr & ATTR_BYTE:
                 piece = bytes([int(text[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else b""
             else:  # unused / undefined tokens render as nothing
