@@ -19,7 +19,9 @@ compiler and its version, the CPU's flags, the C library and the Python ABI). A 
 loaded only if it and its directory are this user's and writable by nobody else (else it is built
 in a private directory); one that fails to load is built once more. Without a compiler, off x86,
 on a GPU/TPU backend (nothing is compiled there) or with `JAXLLAMA_KERNELS=0`, the same function
-runs as pure JAX, giving the same numbers up to float summation order.
+runs as pure JAX, giving the same numbers up to float rounding: the order of sums, and the vector
+paths' fused multiply-adds (one rounding) where pure JAX and the kernels' portable path round a
+product and then a sum (see gemv.cc's portable namespace). `dequant` has no FMA on any path.
 """
 
 from __future__ import annotations

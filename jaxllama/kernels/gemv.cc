@@ -269,7 +269,13 @@ inline void packed32h(const uint8_t* p, uint32_t h, float s, float o, V* w) {
 JL_TARGET_END
 #endif  // x86
 
-// Portable C++ for any other CPU (one float per "vector"; the compiler may vectorize it).
+// Portable C++ for any other CPU (one float per "vector"; the compiler may vectorize it). Its
+// results differ from the AVX2/AVX-512 paths' in two ways, both within float32 rounding: `fma`
+// here is a product then a sum, two roundings (-ffp-contract=off keeps them apart), where the
+// vector paths' fused multiply-add rounds once (weights s * q + o, each x * w accumulated, the
+// attention's dot products and weighted sums); and each output is one sequential sum, where the
+// vector paths sum L lanes (and two chains) and then the lanes. The dequant kernel uses no FMA
+// on any path: the float32 matrices it builds are bit for bit the same everywhere.
 namespace portable {
 using V = float;
 constexpr int L = 1;
@@ -567,8 +573,11 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   // Keys in chunks of kAttendChunk, so that one long row's few heads still share out over the
   // threads; each chunk's partial softmax is merged at the end.
   const int64_t chunks = (slots + kAttendChunk - 1) / kAttendChunk, groups = qd[2];
-  std::unique_ptr<float[]> parts(new float[b * heads * chunks * groups * (2 + d)]);  // each item fills its own
-  float* top = parts.get();
+  // each item fills its own part; the buffer is this calling thread's, kept between calls
+  static thread_local std::vector<float> parts;
+  const size_t need = static_cast<size_t>(b * heads * chunks * groups * (2 + d));
+  if (parts.size() < need) parts.resize(need);
+  float* top = parts.data();
   float* sum = top + b * heads * chunks * groups;
   float* acc = sum + b * heads * chunks * groups;
   const Attend job{q.typed_data(), k.typed_data(), v.typed_data(), q_slot.typed_data(), key_ok.typed_data(),
