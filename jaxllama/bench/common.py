@@ -51,9 +51,9 @@ def machine() -> dict[str, Any]:
 
 def kernel_table(model: Any) -> list[dict[str, Any]]:
     """Per matrix of `model`: its GGUF types, how the native layout holds it (bits per value,
-    group, scale dtype) and the kernels its products run through: decode steps and prompts of up
-    to `kernels.MAX_ROWS` rows through `gemv` (this CPU's `isa`), longer prompts and scoring
-    through `dequant` + XLA's matrix product; "xla" where no kernel is built (or off CPU)."""
+    group, scale dtype) and the kernels its products run through: decode steps (one token per
+    row) through `gemv` (this CPU's `isa`), prompts and scoring through `dequant` + XLA's matrix
+    product; "xla" where no kernel is built (or off CPU)."""
     from .. import kernels
     from ..gguf.convert import MATRICES, matrix_tensors
 
