@@ -353,12 +353,16 @@ CLANG = shutil.which("clang++")
 
 @pytest.mark.skipif(CLANG is None and not os.environ.get("JAXLLAMA_REQUIRE_CLANG"),
                     reason="clang++ is not on PATH (CI installs it and sets JAXLLAMA_REQUIRE_CLANG=1)")
-def test_kernels_built_with_clang_match_numpy(tmp_path):
+def test_kernels_built_with_clang_match_numpy():
     """No GCC-only pragmas: clang builds the same kernels (vector paths through its attribute
     pragma, F16C found through cpuid), with the same numbers; the float32 matrices bit for bit.
-    (Two minutes of clang -O3 on 2 cores: the widest path only.)"""
+    The library is keyed by compiler, so this is clang's build: made here on first use (two
+    minutes of clang -O3 on 2 cores), or by `.ci/run` before the tests. The widest path only."""
     assert CLANG is not None, "JAXLLAMA_REQUIRE_CLANG is set but clang++ is not on PATH"
-    env = {"CXX": CLANG, "JAXLLAMA_CACHE": str(tmp_path)}
+    env = {"CXX": CLANG}
+    where = subprocess.run([sys.executable, "-c", "from jaxllama import kernels; print(kernels.library_path())"],
+                           capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
+    assert "gemv-" in where and where.strip() != str(kernels.library_path())  # not GCC's library
     got = _child(env)
     flags = _cpu_flags()
     widest = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c"} <= flags else

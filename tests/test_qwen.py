@@ -199,14 +199,16 @@ def _reorder_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
 
 
-@pytest.mark.parametrize("layer,short,inp,out", [
+PRODUCTS = [
     (0, "attn_v", "attn_norm", "Vcur"),        # Q8_0 weights, q8_0 activations
     (5, "attn_v", "attn_norm", "Vcur"),        # Q5_0, q8_0
     (0, "ffn_gate", "ffn_norm", "ffn_gate"),   # Q5_0 on 4864 rows
     (0, "ffn_down", "ffn_swiglu", "ffn_out"),  # Q6_K, q8_K
     (5, "ffn_down", "ffn_swiglu", "ffn_out"),  # Q4_K, q8_K (repacked by llama.cpp on x86)
-])
-def test_act_quant_products_are_llamacpps_given_its_inputs(qwen, qwen_gguf, layer, short, inp, out):
+]
+
+
+def test_act_quant_products_are_llamacpps_given_its_inputs(qwen, qwen_gguf):
     """Fed llama.cpp's own input, the emulated product is llama.cpp's for every weight type in the
     file, within what two float32 summation orders allow (ours and llama.cpp's, per output, from
     the arithmetic); the plain product is not. Over a whole model the emulation cannot hold:
@@ -217,18 +219,21 @@ def test_act_quant_products_are_llamacpps_given_its_inputs(qwen, qwen_gguf, laye
     from jaxllama.tracing.actquant import fake_quant
 
     tokens = qwen.tokenizer.encode(TEXTS[2])[:48]
-    x, want = _captured(qwen_gguf, tokens, (f"{inp}-{layer}", f"{out}-{layer}"))
+    names = sorted({f"{p}-{layer}" for layer, _, inp, out in PRODUCTS for p in (inp, out)})
+    captured = dict(zip(names, _captured(qwen_gguf, tokens, tuple(names))))
     f = jaxllama.read_gguf(qwen_gguf)
-    name = matrix_tensors(short, qwen.config.n_layer, f.tensors)[layer]
-    w = quants.dequantize(f.raw(name), f.tensors[name].ggml_type).reshape(want.shape[-1], -1)
     emulated = qwen.with_act_quant(True)
-    kind = dict(emulated.act_quant)[short]
-    leaf = {k: v[layer] for k, v in emulated.params["params"]["layers"][short].items()}
-    bound = 2 * _reorder_bound(np.asarray(fake_quant(x, kind)), w) + np.abs(want) * np.finfo(np.float32).eps
-    got = np.asarray(project(x, leaf, kind))
-    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / bound))
-    plain = np.asarray(project(x, leaf, None))
-    assert np.any(np.abs(plain - want) > bound)  # without emulation: the quantization noise
+    for layer, short, inp, out in PRODUCTS:
+        x, want = captured[f"{inp}-{layer}"], captured[f"{out}-{layer}"]
+        name = matrix_tensors(short, qwen.config.n_layer, f.tensors)[layer]
+        w = quants.dequantize(f.raw(name), f.tensors[name].ggml_type).reshape(want.shape[-1], -1)
+        kind = dict(emulated.act_quant)[short]
+        leaf = {k: v[layer] for k, v in emulated.params["params"]["layers"][short].items()}
+        bound = 2 * _reorder_bound(np.asarray(fake_quant(x, kind)), w) + np.abs(want) * np.finfo(np.float32).eps
+        got = np.asarray(project(x, leaf, kind))
+        assert np.all(np.abs(got - want) <= bound), (name, float(np.max(np.abs(got - want) / bound)))
+        plain = np.asarray(project(x, leaf, None))
+        assert np.any(np.abs(plain - want) > bound), name  # without emulation: the quantization noise
 
 
 def test_ggml_rms_norm_is_llamacpps_bit_for_bit(qwen, qwen_gguf):

@@ -101,7 +101,8 @@ def library_path(cxx: str | None = None) -> Path:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((Path(__file__).parent / name).read_bytes())
-    for part in (" ".join(FLAGS), jaxlib.__version__, cxx, _compiler_version(cxx), _cpu_flags(),
+    where = os.path.realpath(shutil.which(cxx) or cxx)  # `clang++` and `/usr/bin/clang++`: one compiler
+    for part in (" ".join(FLAGS), jaxlib.__version__, where, _compiler_version(cxx), _cpu_flags(),
                  " ".join(platform.libc_ver()), str(sysconfig.get_config_var("SOABI"))):
         h.update(part.encode() + b"\0")
     return cache_dir() / "kernels" / f"gemv-{h.hexdigest()[:16]}.so"
