@@ -665,9 +665,8 @@ def forward_capture(
     `probes.capture_layers`, ascending) and `{probe: [B, T, ...]}` for global ones.
     """
     positions, vis = positions_and_mask(tokens, valid)
-    valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     run = Run(probes or ProbeSpec(), act_quant, scan_layers)
-    logits, captures, _ = run_model(params, tokens, config, run, positions, vis, valid_rows)
+    logits, captures, _ = run_model(params, tokens, config, run, positions, vis, vis.key_ok)
     return logits, captures
 
 
@@ -684,8 +683,7 @@ def forward_hidden(
     array is built; same numbers as `forward` (no probes here).
     """
     positions, vis = positions_and_mask(tokens, valid)
-    valid_rows = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
-    return run_model(params, tokens, config, Run(act_quant=act_quant, head=False), positions, vis, valid_rows)[0]
+    return run_model(params, tokens, config, Run(act_quant=act_quant, head=False), positions, vis, vis.key_ok)[0]
 
 
 def forward_step(
