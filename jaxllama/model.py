@@ -11,7 +11,6 @@ matrix products use full float32 precision on every backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -204,8 +203,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ggml: bool | None = Non
     Summing in float64 also makes the result independent of how XLA vectorizes the reduction for
     a batch's shape (a float32 sum moved by an ulp between 1 and 8 rows, where the residual
     stream carries massive activations), and an ulp in front of a q8 rounding can move it
-    (`--act-quant`). `ggml=None` does this wherever float64 is at hand (not on TPU); `False`
-    sums in float32 (`x * rsqrt(mean + eps) * scale`).
+    (`--act-quant` relies on it). `ggml=None` does this wherever float64 is at hand (not on
+    TPU); `False` sums in float32 (`x * rsqrt(mean + eps) * scale`).
     """
     if ggml is None:
         ggml = jax.default_backend() != "tpu"
@@ -416,7 +415,6 @@ def block(
     residual stream and the updated caches (None without `kv`).
     """
     aq = act_quant or {}
-    norm = partial(rms_norm, ggml=True if aq.get("norm") == "ggml" else None)
 
     def mm(name: str, h: jax.Array) -> jax.Array:
         return project(h, p[name], aq.get(name))
@@ -426,11 +424,11 @@ def block(
 
     def rope(name: str, y: jax.Array) -> jax.Array:
         if c.qk_norm:  # per-head RMSNorm before RoPE (Qwen3, Gemma 3)
-            y = tap(f"{name}_normed", norm(y, p[f"attn_{name[0].lower()}_norm"]["scale"], c.rms_eps))
+            y = tap(f"{name}_normed", rms_norm(y, p[f"attn_{name[0].lower()}_norm"]["scale"], c.rms_eps))
         return tap(name, apply_rope(y, rot, c.rope_dim, c.rope_neox))
 
     b, t, _ = x.shape
-    h = tap("attn_norm", norm(x, p["attn_norm"]["scale"], c.rms_eps))
+    h = tap("attn_norm", rms_norm(x, p["attn_norm"]["scale"], c.rms_eps))
     q = rope("Qcur", heads("attn_q", h, c.n_head))
     k = rope("Kcur", heads("attn_k", h, c.n_head_kv))
     v = tap("Vcur", heads("attn_v", h, c.n_head_kv))
@@ -444,10 +442,10 @@ def block(
     a = tap("kqv_out", materialized(attention(q, k, v, vis, c, layer=layer, kernel=kernel), vis.q_slot))
     o = mm("attn_output", a)
     if c.post_norms:  # Gemma's sandwich: normalise the branch before the residual add
-        x = tap("sa_out", x + tap("attn_post_norm", norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
+        x = tap("sa_out", x + tap("attn_post_norm", rms_norm(o, p["post_attention_norm"]["scale"], c.rms_eps)))
     else:
         x = tap("ffn_inp", x + tap("attn_out", o))
-    h = tap("ffn_norm", norm(x, p["ffn_norm"]["scale"], c.rms_eps))
+    h = tap("ffn_norm", rms_norm(x, p["ffn_norm"]["scale"], c.rms_eps))
     gate, up = tap("ffn_gate", mm("ffn_gate", h)), tap("ffn_up", mm("ffn_up", h))
     if c.activation == "gelu_tanh":
         gelu = ggml_gelu if aq.get("gelu") == "ggml_f16" else gelu_tanh
@@ -456,7 +454,7 @@ def block(
         g = tap("ffn_swiglu", jax.nn.silu(gate) * up)
     f = tap("ffn_out", mm("ffn_down", g))
     if c.post_norms:
-        f = tap("ffn_post_norm", norm(f, p["post_ffw_norm"]["scale"], c.rms_eps))
+        f = tap("ffn_post_norm", rms_norm(f, p["post_ffw_norm"]["scale"], c.rms_eps))
     return tap("l_out", x + f), cache
 
 
@@ -476,7 +474,7 @@ def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> ja
 
 def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
     """Final RMSNorm and output projection (the embedding, transposed, when tied): logits."""
-    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps, True if aq.get("norm") == "ggml" else None))
+    x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
     leaf = dict(p.get("output", {}))
     if c.tied_output:
         embd = p["token_embd"]

@@ -159,7 +159,6 @@ def act_quant_plan(tensor_types: Mapping[str, str], n_layer: int, activation: st
         plan.append((short, kinds.pop()))
     if activation == "gelu_tanh":
         plan.append(("gelu", "ggml_f16"))
-    plan.append(("norm", "ggml"))
     return tuple(plan)
 
 
