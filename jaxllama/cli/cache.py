@@ -102,20 +102,11 @@ def _remove(item: Item) -> bool:
 
 
 def prune(items: list[Item], max_size: int | None, older_than_s: float | None, everything: bool) -> list[Item]:
-    """Remove prunable items: all, or those unused for `older_than_s`, then least recently used
-    ones until the rest fit in `max_size`. Returns the removed ones."""
-    now = time.time()
-    live = [i for i in items if i.prunable]
-    gone = [i for i in live if everything or (older_than_s is not None and now - i.last_use > older_than_s)]
-    live = [i for i in live if i not in gone]
-    if max_size is not None:
-        total = sum(i.bytes for i in live)
-        for i in live:  # least recently used first
-            if total <= max_size:
-                break
-            gone.append(i)
-            total -= i.bytes
-    return [i for i in gone if _remove(i)]
+    """Remove prunable items (`converted.prune_items`: all, or those unused for `older_than_s`,
+    then least recently used ones until the rest fit in `max_size`). Returns the removed ones."""
+    from ..gguf.converted import prune_items
+
+    return prune_items([i for i in items if i.prunable], _remove, max_size, older_than_s, everything)
 
 
 def _human(n: float) -> str:

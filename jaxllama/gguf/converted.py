@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -285,23 +285,31 @@ def remove(entry: Path) -> bool:
         return held
 
 
-def prune(limit: int | None = None, older_than_s: float | None = None, keep: Path | None = None) -> list[Entry]:
-    """Remove entries unused for `older_than_s`, then least recently used ones until the rest fit
-    in `limit` bytes (`keep` stays); returns what was removed."""
+def prune_items(items: list[Any], remove: Callable[[Any], bool], limit: int | None = None,
+                older_than_s: float | None = None, everything: bool = False, keep: Any = None) -> list[Any]:
+    """Of `items` (least recently used first, each with `path`, `bytes` and `last_use`) remove
+    all (`everything`), or those unused for `older_than_s`, then the least recently used until
+    the rest fit in `limit` bytes; `keep` (a path) stays. `remove(item)` says whether it could
+    remove it (one it could not still counts against `limit`). Returns the removed items."""
     removed = []
     now = time.time()
-    live = entries()
-    if older_than_s is not None:
-        for e in live:
-            if now - e.last_use > older_than_s and e.path != keep and remove(e.path):
-                removed.append(e)
-        live = [e for e in live if e not in removed]
+    for e in items:
+        if (everything or (older_than_s is not None and now - e.last_use > older_than_s)) and e.path != keep \
+                and remove(e):
+            removed.append(e)
+    live = [e for e in items if e not in removed]
     if limit is not None:
         total = sum(e.bytes for e in live)
         for e in live:
             if total <= limit:
                 break
-            if e.path != keep and remove(e.path):
+            if e.path != keep and remove(e):
                 removed.append(e)
                 total -= e.bytes
     return removed
+
+
+def prune(limit: int | None = None, older_than_s: float | None = None, keep: Path | None = None) -> list[Entry]:
+    """Remove kept conversions unused for `older_than_s`, then least recently used ones until the
+    rest fit in `limit` bytes (`keep` stays); returns what was removed."""
+    return prune_items(entries(), lambda e: remove(e.path), limit, older_than_s, keep=keep)
