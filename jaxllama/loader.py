@@ -58,11 +58,10 @@ class Model:
     @property
     def weights(self) -> str:
         """The weight layout: "native" (GGUF blocks kept), "float32" or "bfloat16"."""
-        embd = self.params["params"]["token_embd"]
-        layers = self.params["params"]["layers"]
-        if is_native(embd) or any(is_native(v) for v in layers.values()):
+        p = self.params["params"]
+        if any(is_native(w) for w in jax.tree.leaves(p, is_leaf=is_native)):
             return "native"
-        return str(embd["embedding"].dtype)
+        return str(p["token_embd"]["embedding"].dtype)
 
     dtype = weights  # its older name
 

@@ -22,7 +22,9 @@ from .tracing.actquant import fake_quant, ggml_gelu, q8_1_sum_correction
 from .gguf.config import LlamaConfig
 from .errors import InvalidInputError
 from . import kernels
-from .gguf.convert import NATIVE_KEYS, Params, is_native, is_packed, native_values
+from .gguf.blocks import Blocks, native_values
+from .gguf.convert import Params
+from .parallel.placement import is_placed
 from .tracing.probes import (
     ProbeSpec,
     capture_slots,
@@ -54,45 +56,54 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
 GEMV_CHUNK = 2048  # activation floats per chunk: under XLA:CPU's 16 KiB limit for fusing into a dot
 
 
-def native_dense(x: jax.Array, leaf: Params) -> jax.Array:
-    """`x [B, T, K]` (or `[..., K]`) `@ W.T` for a native leaf W `[N, K]` = scale * q (+ offset),
+def matmul(x: jax.Array, w: jax.Array | Blocks) -> jax.Array:
+    """`x [..., K]` times a matrix in float32: a float `kernel [K, N]` (`dense`) or GGUF blocks
+    `[N, K]` (`native_dense`). The one place a product's kind of weight is looked at."""
+    return native_dense(x, w) if isinstance(w, Blocks) else dense(x, w)
+
+
+def native_dense(x: jax.Array, w: Blocks) -> jax.Array:
+    """`x [B, T, K]` (or `[..., K]`) `@ W.T` for GGUF blocks W `[N, K]` = scale * q (+ offset),
     in float32.
 
-    A leaf from `layer_params` holds every layer's blocks and a `"layer"` index. Which product
-    runs depends on the tokens per row alone, never on the batch, so a prompt's logits do not
-    change with the rows it is batched with, nor between `generate`'s prefill and `logits`:
-    one token per row (decode steps; T = 1) goes through `kernels.gemv`, `kernels.MAX_ROWS` rows
-    per call, which reads the blocks in place and computes each row alike whatever the batch;
-    more tokens per row (prompts, scoring) go through XLA's matrix product with this layer's
-    matrix in float32, built by `kernels.dequant` (the values `native_values` gives, bit for bit;
-    XLA may block a product or an attention differently for another row count, which moves a
-    prompt's logits within the float32 reordering bound, tests/test_batch_invariance.py). On a
-    mesh (`rules.mark_sharded`) XLA's product partitions; without the kernels (GPU/TPU) one row
-    is XLA's fused matrix-vector product.
+    The kernel is chosen here and only here, from the shapes and the backend:
+    - on a mesh (`w.sharded`): XLA's product, which the partitioner splits (the C++ kernels
+      run on one device);
+    - one token per row (decode steps, T = 1) with the CPU kernels: `kernels.gemv`,
+      `kernels.MAX_ROWS` rows per call, which reads the blocks in place (memory-bound: the
+      matrix is read once, never widened) and computes each row alike whatever the batch;
+    - one row in all without them (GPU/TPU): XLA's fused dequantize-and-multiply;
+    - more tokens per row (prompts, scoring): the layer's matrix widened to float32 (the values
+      `native_values` gives, bit for bit; by `kernels.dequant` on CPU) and XLA's matrix product,
+      compute-bound and far faster than a row-at-a-time kernel.
+    The choice depends on the tokens per row, never on the batch, so a prompt's logits do not
+    change with the rows it is batched with, nor between `generate`'s prefill and `logits` (XLA
+    may block a product differently for another row count, which moves a prompt's logits within
+    the float32 reordering bound: tests/test_batch_invariance.py).
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k).astype(jnp.float32)
-    layer = leaf.get("layer")
-    blocks = {key: leaf[key] for key in NATIVE_KEYS if key in leaf}
     one_token = len(lead) >= 2 and lead[-1] == 1  # [B, 1, K]: decode steps
-    if "sharded" in leaf:
-        return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
-    if one_token and kernels.available():
-        return gemv_rows(rows, blocks, layer).reshape(*lead, -1)
-    if rows.shape[0] == 1:  # pure JAX: XLA fuses the dequantization into a matrix-vector product
-        return xla_native_dense(rows, kernels.one_layer(blocks, layer)).reshape(*lead, -1)
-    return dequant_dense(rows, blocks, layer).reshape(*lead, -1)
+    if w.sharded:
+        out = xla_native_dense(rows, w.one_layer())
+    elif one_token and kernels.available():
+        out = gemv_rows(rows, w)
+    elif rows.shape[0] == 1:  # pure JAX: XLA fuses the dequantization into a matrix-vector product
+        out = xla_native_dense(rows, w.one_layer())
+    else:
+        out = dequant_dense(rows, w)
+    return out.reshape(*lead, -1)
 
 
-def gemv_rows(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> jax.Array:
+def gemv_rows(rows: jax.Array, w: Blocks) -> jax.Array:
     """`rows [M, K] @ W.T` through `kernels.gemv`, `kernels.MAX_ROWS` rows per call (each row's
     sum is the same whichever call it is in); pure JAX where the kernel is not available."""
     per = kernels.MAX_ROWS
     if rows.shape[0] <= per:
-        return kernels.gemv(rows, blocks, layer, xla_native_dense)
+        return kernels.gemv(rows, w, xla_native_dense)
     pad = -rows.shape[0] % per
     chunks = jnp.pad(rows, ((0, pad), (0, 0))).reshape(-1, per, rows.shape[-1])
-    out = lax.map(lambda r: kernels.gemv(r, blocks, layer, xla_native_dense), chunks)
+    out = lax.map(lambda r: kernels.gemv(r, w, xla_native_dense), chunks)
     return out.reshape(-1, out.shape[-1])[: rows.shape[0]]
 
 
@@ -102,8 +113,8 @@ def gemv_rows(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> jax.A
 DEQUANT_BYTES = 128 << 20
 
 
-def dequant_dense(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> jax.Array:
-    """`rows [M, K] @ W.T` for (layer `layer` of) native blocks W `[N, K]`: W in float32 through
+def dequant_dense(rows: jax.Array, w: Blocks) -> jax.Array:
+    """`rows [M, K] @ W.T` for (layer `w.layer` of) blocks W `[N, K]`: W in float32 through
     `kernels.dequant` (exactly `native_values`), then XLA's product.
 
     A matrix over `DEQUANT_BYTES` in float32 (a 152k-vocabulary output matrix is 545 MB at width
@@ -111,11 +122,10 @@ def dequant_dense(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> j
     after the other (`lax.map`), so memory stays bounded whatever the vocabulary. Each output is
     the same dot product either way; only XLA's blocking of the product may differ.
     """
-    n, k = blocks["q"].shape[-2], rows.shape[-1]
+    n, k = w.rows, rows.shape[-1]
     most = max(256, DEQUANT_BYTES // (4 * k) // 256 * 256)  # whole 256-row slices
     if n <= most:
-        w = kernels.dequant(blocks, layer, native_values)
-        return jnp.matmul(rows, w.T, precision=lax.Precision.HIGHEST)
+        return jnp.matmul(rows, kernels.dequant(w, native_values).T, precision=lax.Precision.HIGHEST)
     count = -(-n // most)
     even = -(-n // count)  # ceil(n / count): slices as even as whole 256-row ones can be
     per = min(n, -(-even // 256) * 256)
@@ -123,20 +133,16 @@ def dequant_dense(rows: jax.Array, blocks: Params, layer: jax.Array | None) -> j
     starts = jnp.minimum(jnp.arange(count) * per, n - per)  # the last slice ends at n (overlapping)
 
     def one(start: jax.Array) -> jax.Array:
-        if layer is None:
-            piece = {key: lax.dynamic_slice_in_dim(v, start, per, axis=0) for key, v in blocks.items()}
-        else:
-            piece = {key: lax.dynamic_slice(v, (layer, start, 0), (1, per, v.shape[-1]))[0] for key, v in blocks.items()}
-        w = kernels.dequant(piece, None, native_values)
-        return jnp.matmul(rows, w.T, precision=lax.Precision.HIGHEST)
+        piece = kernels.dequant(w.row_slice(start, per), native_values)
+        return jnp.matmul(rows, piece.T, precision=lax.Precision.HIGHEST)
 
     out = lax.map(one, starts)  # [count, M, per]
     head = jnp.moveaxis(out[:-1], 0, 1).reshape(rows.shape[0], (count - 1) * per)
     return jnp.concatenate([head, out[-1][:, per - (n - (count - 1) * per):]], axis=-1)
 
 
-def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
-    """`rows [M, K] @ W.T` for one layer's native leaf, in pure JAX.
+def xla_native_dense(rows: jax.Array, w: Blocks) -> jax.Array:
+    """`rows [M, K] @ W.T` for one layer's blocks, in pure JAX.
 
     With one row the matrix is written so XLA:CPU fuses the dequantization into the
     matrix-vector product and never builds W in float32: GGUF's `[N, K]` order, `x` of shape
@@ -144,41 +150,36 @@ def xla_native_dense(rows: jax.Array, leaf: Params) -> jax.Array:
     optimization barrier keeps apart (REFERENCE §7). With more rows W is dequantized once per
     call, which costs little next to the matrix product.
     """
-    q, k = leaf["q"], rows.shape[-1]
-    per_byte = 2 if is_packed(leaf) else 1
+    k = rows.shape[-1]
+    per_byte = 2 if w.packed else 1
     if rows.shape[0] > 1:
-        return jnp.matmul(rows, native_values(leaf).T, precision=lax.Precision.HIGHEST)
-    sub = k // leaf["scale"].shape[-1]
+        return jnp.matmul(rows, w.values().T, precision=lax.Precision.HIGHEST)
+    sub = w.group
     step = GEMV_CHUNK  # a multiple of 32: whole blocks and whole packed units of 32 values
     parts = []
     for a in range(0, k, step):
         b = min(a + step, k)
-        piece = {key: leaf[key][:, a // sub: b // sub] for key in ("scale", "offset") if key in leaf}
-        if "qh" in leaf:  # fifth bits: one byte per 8 values
-            piece["qh"] = leaf["qh"][:, a // 8: b // 8]
-        for key in ("scale_d", "offset_d"):  # K-quants' factors: one per 256 values (step is a multiple)
-            if key in leaf:
-                piece[key] = leaf[key][:, a // 256: b // 256]
-        w = native_values({"q": q[:, a // per_byte: b // per_byte], **piece})
-        parts.append(jnp.matmul(rows[:, a:b], w.T, precision=lax.Precision.HIGHEST))
+        piece = w.replace(
+            q=w.q[:, a // per_byte: b // per_byte],
+            scale=w.scale[:, a // sub: b // sub],
+            offset=None if w.offset is None else w.offset[:, a // sub: b // sub],
+            qh=None if w.qh is None else w.qh[:, a // 8: b // 8],  # fifth bits: one byte per 8 values
+            # K-quants' factors: one per 256 values (step is a multiple)
+            scale_d=None if w.scale_d is None else w.scale_d[:, a // 256: b // 256],
+            offset_d=None if w.offset_d is None else w.offset_d[:, a // 256: b // 256],
+        )
+        parts.append(jnp.matmul(rows[:, a:b], piece.values().T, precision=lax.Precision.HIGHEST))
     if len(parts) > 1:
         parts = list(lax.optimization_barrier(tuple(parts)))
     return sum(parts[1:], parts[0])
 
 
 def layer_params(layers: Params, layer: jax.Array | int) -> Params:
-    """Layer `layer`'s leaves from the layer-stacked `layers`. A native matrix stays stacked, with
-    `"layer"` added: the CPU kernel reads that layer in place, where slicing it out would copy it
-    (a custom call takes whole buffers)."""
-    def one(node: Any) -> Any:
-        if is_native(node):
-            out = {k: (v if k in NATIVE_KEYS or v is None else v[layer]) for k, v in node.items()}
-            return {**out, "layer": jnp.asarray(layer, jnp.int32)}
-        if isinstance(node, dict):
-            return {k: one(v) for k, v in node.items()}
-        return node[layer]
-
-    return one(layers)
+    """Layer `layer`'s leaves from the layer-stacked `layers`. GGUF blocks stay stacked, reading
+    layer `layer` (`Blocks.at`): the CPU kernel reads that layer in place, where slicing it out
+    would copy it (a custom call takes whole buffers)."""
+    return jax.tree.map(lambda leaf: leaf.at(layer) if isinstance(leaf, Blocks) else leaf[layer], layers,
+                        is_leaf=lambda x: isinstance(x, Blocks))
 
 
 def materialized(x: jax.Array, data: jax.Array) -> jax.Array:
@@ -460,12 +461,11 @@ def block(
 
 def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> jax.Array:
     """Token embeddings `[B, T, D]` in float32 (times `embed_scale`, sqrt(d_model) for Gemma)."""
-    leaf = p["token_embd"]
-    if is_native(leaf):  # gather the rows' blocks, then dequantize just those rows
-        rows = {k: jnp.take(v, tokens, axis=0) for k, v in leaf.items() if k in NATIVE_KEYS}
-        x = native_values(rows)
+    table = p["token_embd"]["embedding"]
+    if isinstance(table, Blocks):  # gather the rows' blocks, then dequantize just those rows
+        x = table.take(tokens).values()
     else:
-        x = jnp.take(leaf["embedding"], tokens, axis=0).astype(jnp.float32)
+        x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     x = tap("inp_embd", x)
     if c.embed_scale != 1.0:
         x = tap("inp_scaled", x * np.float32(c.embed_scale))
@@ -477,11 +477,8 @@ def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], 
     x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
     leaf = dict(p.get("output", {}))
     if c.tied_output:
-        embd = p["token_embd"]
-        if is_native(embd):  # [V, D] is already the output matrix's [N, K]
-            leaf.update({k: v for k, v in embd.items() if k in NATIVE_KEYS + ("sharded",)})
-        else:
-            leaf["kernel"] = embd["embedding"].T
+        table = p["token_embd"]["embedding"]  # blocks [V, D] are already the output's [N, K]
+        leaf["kernel"] = table if isinstance(table, Blocks) else table.T
     return tap("result_output", project(x, leaf, aq.get("output")))
 
 
@@ -492,7 +489,7 @@ def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:
     Q4_1/Q5_1 leaf that also holds `mins` gets the block-sum correction of its Q8_1 dot product.
     """
     xq = fake_quant(x, act_kind)
-    out = native_dense(xq, leaf) if is_native(leaf) else dense(xq, leaf["kernel"])
+    out = matmul(xq, leaf["kernel"])
     if act_kind == "q8_1" and "mins" in leaf:
         out = out + dense(q8_1_sum_correction(x), leaf["mins"])
     if "bias" in leaf:
@@ -593,7 +590,7 @@ def run_model(params: Params, tokens: jax.Array, config: LlamaConfig, run: Run, 
     slot_table = jnp.asarray(kept, jnp.int32)
     # one query per row against the cache through the attention kernel, on one device (on a mesh,
     # `rules.shard_params`, XLA's attention partitions)
-    kernel = cached is not None and "sharded" not in params
+    kernel = cached is not None and not is_placed(params)
 
     def body(carry, xs):
         x, bufs, kv = carry

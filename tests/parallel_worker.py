@@ -108,7 +108,7 @@ def main() -> None:
         if full:  # the decode step on a mesh: no single-device CPU kernel (custom calls do not partition)
             res["kernel_calls"] = decode_kernel_calls(model)
         leaf = model.params["params"]["layers"]["ffn_gate"]
-        res["ffn_gate_spec"] = str(next(iter(leaf.values())).sharding.spec)
+        res["ffn_gate_spec"] = str(jax.tree.leaves(leaf)[0].sharding.spec)
         out[f"{d}x{m}"] = res
     print("RESULT " + json.dumps(out))
 

@@ -8,7 +8,7 @@ import pytest
 import jaxllama
 from jaxllama.tracing.actquant import block_mins, fake_quant
 from jaxllama.reference import capture
-from jaxllama.model import project
+from jaxllama.model import layer_params, project
 
 T = gguf.GGMLQuantizationType
 
@@ -43,7 +43,7 @@ def test_q8_1_formula_reproduces_llamacpp_and_so_does_project(default_gguf, defa
     ref = q8_1_reference(x, raw)
     assert np.linalg.norm(ref - want) / np.linalg.norm(want) < 2e-6
     emulated = default_model.with_act_quant(True)
-    leaf = {k: v[0] for k, v in emulated.params["params"]["layers"]["attn_v"].items()}
+    leaf = layer_params(emulated.params["params"]["layers"], 0)["attn_v"]
     got = np.asarray(project(jnp.asarray(x), leaf, "q8_1"))
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
     plain = np.asarray(project(jnp.asarray(x), leaf, None))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxllama import kernels
-from jaxllama.gguf.convert import native_values, pack_nibbles
+from jaxllama.gguf.blocks import Blocks, pack_nibbles
 from jaxllama.model import xla_native_dense
 
 # Scales and offsets as the native layout may hold them: float32, or float16 (GGUF's own), then
@@ -48,7 +48,7 @@ def add_scales(rng, leaf, key, shape, kind):
 CHILD = textwrap.dedent("""
     import concurrent.futures, itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
-    from jaxllama.gguf.convert import native_values, pack_bits, pack_nibbles
+    from jaxllama.gguf.blocks import Blocks, pack_bits, pack_nibbles
     from jaxllama.model import xla_native_dense
     rng = np.random.default_rng(0)
     worst, batch_differs = 0.0, 0
@@ -65,25 +65,25 @@ CHILD = textwrap.dedent("""
             add_scales(rng, leaf, "scale", (n, k // group), kind)
             if offset:
                 add_scales(rng, leaf, "offset", (n, k // group), kind)
-            w = np.asarray(native_values(leaf), np.float64)
+            w = np.asarray(Blocks(**leaf).values(), np.float64)
             if bits == 5:
                 leaf["qh"] = pack_bits(leaf["q"] >> 4)
             if bits < 8:
                 leaf["q"] = pack_nibbles(leaf["q"] & 15)
             x = rng.normal(size=(m, k)).astype(np.float32)
-            got = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x, leaf))
+            got = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, Blocks(**l), xla_native_dense))(x, leaf))
             want = x.astype(np.float64) @ w.T
             size = np.abs(x.astype(np.float64)) @ np.abs(w).T  # the scale of a dot's rounding error
             worst = max(worst, float((np.abs(got - want) / size).max()))
             if m <= 32:  # a row's result does not depend on the rows beside it
-                alone = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))(x[-1:], leaf))
+                alone = np.asarray(jax.jit(lambda x, l: kernels.gemv(x, Blocks(**l), xla_native_dense))(x[-1:], leaf))
                 batch_differs += int((alone[0] != got[-1]).sum())
     # Four Python threads running products at once (the kernel's helper threads take one job at a
     # time): each result the same bits as alone.
     x = rng.normal(size=(8, 576)).astype(np.float32)
     leaf = {"q": jnp.asarray(rng.integers(-128, 128, (2000, 576)), jnp.int8),
             "scale": jnp.asarray(scales(rng, (2000, 18), True))}
-    f = jax.jit(lambda x, l: kernels.gemv(x, l, None, xla_native_dense))
+    f = jax.jit(lambda x, l: kernels.gemv(x, Blocks(**l), xla_native_dense))
     alone = [np.asarray(f(x[i:i + 1], leaf)) for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda i: [np.asarray(f(x[i:i + 1], leaf)) for _ in range(50)], range(8)))
@@ -134,7 +134,7 @@ ATTEND = textwrap.dedent("""
 DEQUANT = textwrap.dedent("""
     import itertools, json, jax, jax.numpy as jnp, numpy as np
     from jaxllama import kernels
-    from jaxllama.gguf.convert import pack_bits, pack_nibbles
+    from jaxllama.gguf.blocks import Blocks, pack_bits, pack_nibbles
     rng = np.random.default_rng(2)
     mismatched, fused, used = 0, 0, 0
 """) + SCALES + textwrap.dedent("""
@@ -164,7 +164,7 @@ DEQUANT = textwrap.dedent("""
                 exact = np.repeat(sl, group, axis=-1).astype(np.float64) * ql + o
                 fused += int((exact.astype(np.float32) != want + o).sum())
                 want = want + o
-            got = np.asarray(jax.jit(lambda l: kernels.dequant(l, layer, lambda _: jnp.full((n, k), jnp.nan)))(leaf))
+            got = np.asarray(jax.jit(lambda l: kernels.dequant(Blocks(**l) if layer is None else Blocks(**l).at(layer), lambda _: jnp.full((n, k), jnp.nan)))(leaf))
             used += int(not np.isnan(got).any())
             mismatched += int((got.view(np.uint32) != want.view(np.uint32)).sum())
     print(json.dumps({"isa": kernels.isa(), "mismatched": mismatched, "fused": fused, "used": used}))
@@ -231,9 +231,9 @@ def test_stacked_layers_are_read_in_place():
             "scale": jnp.asarray(rng.random((3, 40, 2)), jnp.float32),
             "offset": jnp.asarray(rng.random((3, 40, 2)), jnp.float32)}
     x = jnp.asarray(rng.normal(size=(2, 64)), jnp.float32)
-    f = jax.jit(lambda x, leaf, i: kernels.gemv(x, leaf, i, xla_native_dense))
+    f = jax.jit(lambda x, leaf, i: kernels.gemv(x, Blocks(**leaf).at(i), xla_native_dense))
     for i in range(3):
-        want = np.asarray(x, np.float64) @ np.asarray(native_values({k: v[i] for k, v in leaf.items()}), np.float64).T
+        want = np.asarray(x, np.float64) @ np.asarray(Blocks(**leaf).map(lambda v: v[i]).values(), np.float64).T
         np.testing.assert_allclose(np.asarray(f(x, leaf, jnp.int32(i))), want, rtol=1e-5, atol=1e-5)
 
 
@@ -276,11 +276,12 @@ def test_no_compiler_falls_back_to_pure_jax_with_one_warning(tmp_path):
         import warnings, jax.numpy as jnp, numpy as np
         from jaxllama import kernels
         from jaxllama.model import xla_native_dense
+        from jaxllama.gguf.blocks import Blocks
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            leaf = {"q": jnp.ones((8, 32), jnp.int8), "scale": jnp.ones((8, 1), jnp.float32)}
-            y = kernels.gemv(jnp.ones((1, 32)), leaf, None, xla_native_dense)
-            kernels.gemv(jnp.ones((1, 32)), leaf, None, xla_native_dense)
+            leaf = Blocks(jnp.ones((8, 32), jnp.int8), jnp.ones((8, 1), jnp.float32))
+            y = kernels.gemv(jnp.ones((1, 32)), leaf, xla_native_dense)
+            kernels.gemv(jnp.ones((1, 32)), leaf, xla_native_dense)
         print(kernels.isa(), float(y[0, 0]), len([x for x in w if "kernels unavailable" in str(x.message)]))
     """)
     env = {**os.environ, "JAXLLAMA_CACHE": str(tmp_path), "CXX": "/bin/false", "PATH": "/nonexistent"}

@@ -153,12 +153,13 @@ def test_native_blocks_follow_the_files_bytes(qwen, qwen_gguf):
         if parts[-1] == "weight" and t.tensor_type in (T.Q5_0, T.Q8_0):
             by_leaf.setdefault(key, []).append(t)
     p = qwen.params["params"]
-    leaves = {**p["layers"], "token_embd": p["token_embd"], "output": p["output"]}
+    leaves = {**{k: v["kernel"] for k, v in p["layers"].items() if "kernel" in v},
+              "token_embd": p["token_embd"]["embedding"], "output": p["output"]["kernel"]}
     checked = 0
     for key, tensors in by_leaf.items():
         if len(tensors) != (qwen.config.n_layer if key in p["layers"] else 1) or len({t.tensor_type for t in tensors}) != 1:
             continue  # a leaf of several types (attn_v: Q5_0 and Q8_0 layers) takes a common layout
-        leaf = {k: v for k, v in leaves[key].items() if k in ("q", "qh", "scale", "offset")}
+        leaf = leaves[key].arrays()
         file_bytes = sum(int(t.n_bytes) for t in tensors)
         mine = sum(x.nbytes for x in jax.tree.leaves(leaf))
         if tensors[0].tensor_type == T.Q8_0:
@@ -215,7 +216,7 @@ def test_act_quant_products_are_llamacpps_given_its_inputs(qwen, qwen_gguf):
     any ulp of difference upstream moves some q8 roundings (see README, "Activation quantization")."""
     from gguf import quants
     from jaxllama.gguf.convert import matrix_tensors
-    from jaxllama.model import project
+    from jaxllama.model import layer_params, project
     from jaxllama.tracing.actquant import fake_quant
 
     tokens = qwen.tokenizer.encode(TEXTS[2])[:48]
@@ -228,7 +229,7 @@ def test_act_quant_products_are_llamacpps_given_its_inputs(qwen, qwen_gguf):
         name = matrix_tensors(short, qwen.config.n_layer, f.tensors)[layer]
         w = quants.dequantize(f.raw(name), f.tensors[name].ggml_type).reshape(want.shape[-1], -1)
         kind = dict(emulated.act_quant)[short]
-        leaf = {k: v[layer] for k, v in emulated.params["params"]["layers"][short].items()}
+        leaf = layer_params(emulated.params["params"]["layers"], layer)[short]
         bound = 2 * _reorder_bound(np.asarray(fake_quant(x, kind)), w) + np.abs(want) * np.finfo(np.float32).eps
         got = np.asarray(project(x, leaf, kind))
         assert np.all(np.abs(got - want) <= bound), (name, float(np.max(np.abs(got - want) / bound)))

@@ -20,8 +20,8 @@ import pytest
 import jaxllama
 from jaxllama.generation import generate
 from jaxllama import kernels
-from jaxllama.gguf.convert import (FIVE_BIT_QMIN, PACKED_QMIN, _shift_to_unsigned, native_values, pack_bits,
-                                   pack_nibbles, unpack_bits, unpack_nibbles)
+from jaxllama.gguf.blocks import Blocks, native_values, pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
+from jaxllama.gguf.convert import FIVE_BIT_QMIN, PACKED_QMIN, _shift_to_unsigned
 from jaxllama.gguf.dequant import AFFINE, affine_blocks
 from jaxllama.model import forward, forward_step, init_cache, xla_native_dense
 from jaxllama.hlo import kernel_counts, unfused  # noqa: E402
@@ -40,26 +40,24 @@ def test_affine_blocks_hold_gguf_quants_values(t):
         want = gguf.quants.dequantize(raw, t)
     q, scale, offset = affine_blocks(jnp.asarray(raw), t)
     assert q.dtype == jnp.int8 and q.shape == (3, 8 * block) and scale.dtype == jnp.float32
-    leaf = {"q": q, "scale": scale, **({} if offset is None else {"offset": offset})}
-    got = np.asarray(native_values(leaf))
+    got = np.asarray(Blocks(q, scale, offset).values())
     finite = np.isfinite(want)
     assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
     if t in PACKED_QMIN:  # two values per byte, shifted to 0..15: still gguf.quants' values, bit for bit
         q, scale, offset = _shift_to_unsigned((q, scale, offset), PACKED_QMIN[t])
         assert int(q.min()) >= 0 and int(q.max()) <= 15
-        packed = {"q": pack_nibbles(q), "scale": scale, **({} if offset is None else {"offset": offset})}
-        assert packed["q"].dtype == jnp.uint8 and packed["q"].shape == (3, 4 * block)
-        got = np.asarray(native_values(packed))
+        packed = Blocks(pack_nibbles(q), scale, offset)
+        assert packed.q.dtype == jnp.uint8 and packed.q.shape == (3, 4 * block) and packed.bits == 4
+        got = np.asarray(packed.values())
         assert np.array_equal(got[finite], want[finite])  # equal values; a zero may lose its sign (-0.0 -> 0.0)
         nonzero = finite & (want != 0)
         assert np.array_equal(got[nonzero].view(np.uint32), want[nonzero].view(np.uint32))
     if t in FIVE_BIT_QMIN:  # four bits per byte plus a plane of fifth bits: still gguf.quants' values
         q, scale, offset = _shift_to_unsigned((q, scale, offset), FIVE_BIT_QMIN[t])
         assert int(q.min()) >= 0 and int(q.max()) <= 31
-        packed = {"q": pack_nibbles(q & 15), "qh": pack_bits(q >> 4), "scale": scale,
-                  **({} if offset is None else {"offset": offset})}
-        assert packed["q"].shape == (3, 4 * block) and packed["qh"].shape == (3, block)
-        got = np.asarray(native_values(packed))
+        packed = Blocks(pack_nibbles(q & 15), scale, offset, qh=pack_bits(q >> 4))
+        assert packed.q.shape == (3, 4 * block) and packed.qh.shape == (3, block) and packed.bits == 5
+        got = np.asarray(packed.values())
         assert np.array_equal(got[finite], want[finite])
         nonzero = finite & (want != 0)
         assert np.array_equal(got[nonzero].view(np.uint32), want[nonzero].view(np.uint32))
@@ -102,13 +100,13 @@ def test_quantized_tiny_model_is_native_and_smaller(tiny_factory):
     assert native.weights == "native" and f32.weights == "float32"
     nbytes = lambda m: sum(x.nbytes for x in jax.tree.leaves(m.params["params"]["layers"]))  # noqa: E731
     assert nbytes(native) < 0.4 * nbytes(f32)
-    v = native.params["params"]["layers"]["attn_v"]  # Q4_K, and Q2_K (groups of 16, offsets) in layer 1
+    v = native.params["params"]["layers"]["attn_v"]["kernel"]  # Q4_K, and Q2_K (groups of 16, offsets) in layer 1
     # K-quants keep GGUF's two levels: int8 multipliers per group, a float16 factor per 256 values
-    assert set(v) == {"q", "scale", "scale_d", "offset", "offset_d"} and v["scale"].shape[-1] == 256 // 16
-    assert v["scale"].dtype == v["offset"].dtype == jnp.int8 and v["scale_d"].dtype == jnp.float16
-    assert v["scale_d"].shape[-1] == v["offset_d"].shape[-1] == 1
-    assert v["q"].dtype == jnp.uint8  # both 4-bit at most: packed two per byte
-    assert native.params["params"]["layers"]["ffn_down"]["q"].dtype == jnp.int8  # has Q6_K layers: int8
+    assert isinstance(v, Blocks) and set(v.arrays()) == {"q", "scale", "scale_d", "offset", "offset_d"}
+    assert v.group == 16 and v.scale.dtype == v.offset.dtype == jnp.int8 and v.scale_d.dtype == jnp.float16
+    assert v.scale_d.shape[-1] == v.offset_d.shape[-1] == 1
+    assert v.q.dtype == jnp.uint8 and v.bits == 4  # both 4-bit at most: packed two per byte
+    assert native.params["params"]["layers"]["ffn_down"]["kernel"].bits == 8  # has Q6_K layers: int8
 
 
 def test_native_blocks_are_the_gguf_bytes_and_the_float32_values(default_gguf, default_model):
@@ -118,15 +116,15 @@ def test_native_blocks_are_the_gguf_bytes_and_the_float32_values(default_gguf, d
     reader = gguf.GGUFReader(default_gguf)
     quantized = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type in (T.Q4_1, T.Q8_0))
     p = default_model.params["params"]
-    leaves = [*p["layers"].values(), p["token_embd"]]
-    native = [leaf for leaf in leaves if "q" in leaf]
-    assert len(native) == 8 and all(leaf["scale"].dtype == jnp.float16 for leaf in native)
-    assert all(leaf["offset"].dtype == jnp.float16 for leaf in native if "offset" in leaf)
-    assert sum(x.nbytes for leaf in native for x in jax.tree.leaves(leaf)) == quantized
+    leaves = [leaf.get("kernel") for leaf in p["layers"].values()] + [p["token_embd"]["embedding"]]
+    native = [w for w in leaves if isinstance(w, Blocks)]
+    assert len(native) == 8 and all(w.scale.dtype == jnp.float16 for w in native)
+    assert all(w.offset.dtype == jnp.float16 for w in native if w.offset is not None)
+    assert sum(x.nbytes for w in native for x in jax.tree.leaves(w)) == quantized
     f32 = jaxllama.load(default_gguf, weights="float32").params["params"]
     for name, leaf in p["layers"].items():
-        if "q" in leaf:
-            got = np.asarray(native_values(leaf))
+        if isinstance(leaf.get("kernel"), Blocks):
+            got = np.asarray(leaf["kernel"].values())
             want = np.swapaxes(np.asarray(f32["layers"][name]["kernel"]), -1, -2)
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
 
@@ -146,7 +144,7 @@ def test_one_row_product_never_builds_the_float32_matrix(default_model):
     are the kernel's custom calls on the stacked blocks, and without the kernel (and on a GPU,
     where this was seen on an H200) XLA fuses the dequantization into the matrix-vector products."""
     m = default_model
-    assert m.params["params"]["layers"]["ffn_up"]["q"].dtype == jnp.uint8  # Q4_1: packed
+    assert m.params["params"]["layers"]["ffn_up"]["kernel"].packed  # Q4_1: packed
     cache = init_cache(m.config, 1, 64)
     step = jax.jit(forward_step, static_argnames=("config",))
     text = unfused(step.lower(m.params, jnp.zeros((1, 1), jnp.int32), cache, jnp.int32(3), jnp.zeros(1, jnp.int32),
@@ -182,7 +180,7 @@ def test_one_row_product_never_builds_the_float32_matrix(default_model):
             m.params, jnp.zeros((1, many), jnp.int32), init_cache(m.config, 1, many), jnp.int32(0),
             jnp.zeros(1, jnp.int32), m.config, last_only=last_only).compile().as_text())
         assert (f"f32[{per},576]" in text) == built
-    leaf = {k: v[0] for k, v in m.params["params"]["layers"]["ffn_up"].items()}  # [1536, 576], with offsets
+    leaf = m.params["params"]["layers"]["ffn_up"]["kernel"].map(lambda v: v[0])  # [1536, 576], with offsets
     for rows, built in ((1, False), (2, True)):  # XLA's own form; the control: with two rows the matrix is built
         text = unfused(jax.jit(xla_native_dense).lower(jnp.zeros((rows, 576)), leaf).compile().as_text())
         assert ("f32[1536,576]" in text) == built
@@ -192,8 +190,8 @@ def test_long_rows_are_split_and_still_exact():
     """K above the fusion limit is cut into chunks; the result is the plain product's."""
     rng = np.random.default_rng(0)
     k = 5632  # TinyLlama's ffn_down
-    leaf = {"q": jnp.asarray(rng.integers(-8, 8, size=(64, k)), jnp.int8),
-            "scale": jnp.asarray(rng.random((64, k // 32)), jnp.float32)}
+    leaf = Blocks(jnp.asarray(rng.integers(-8, 8, size=(64, k)), jnp.int8),
+                  jnp.asarray(rng.random((64, k // 32)), jnp.float32))
     x = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
     want = np.asarray(x, np.float64) @ np.asarray(native_values(leaf), np.float64).T
     got = np.asarray(jax.jit(xla_native_dense)(x, leaf))

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 ISA = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
 
@@ -55,6 +54,7 @@ def kernel_table(model: Any) -> list[dict[str, Any]]:
     row) through `gemv` (this CPU's `isa`), prompts and scoring through `dequant` + XLA's matrix
     product; "xla" where no kernel is built (or off CPU)."""
     from .. import kernels
+    from ..gguf.blocks import Blocks
     from ..gguf.convert import MATRICES, matrix_tensors
 
     p = model.params["params"]
@@ -64,14 +64,13 @@ def kernel_table(model: Any) -> list[dict[str, Any]]:
         leaf = p["layers"].get(short) if short != "output" else (p.get("output") or p["token_embd"])
         names = matrix_tensors(short, model.config.n_layer, model.tensor_types)
         types = sorted({model.tensor_types[n] for n in names})
-        if not isinstance(leaf, dict) or "q" not in leaf:
+        w = leaf.get("kernel", leaf.get("embedding"))
+        if not isinstance(w, Blocks):
             rows.append({"matrix": short, "gguf_types": types, "layout": "float32", "decode": "xla", "prompt": "xla"})
             continue
-        bits = 5 if "qh" in leaf else 4 if leaf["q"].dtype == np.uint8 else 8
-        width = leaf["q"].shape[-1] * (2 if bits < 8 else 1)
-        rows.append({"matrix": short, "gguf_types": types, "layout": f"{bits}-bit",
-                     "group": width // leaf["scale"].shape[-1], "scale": str(leaf["scale"].dtype),
-                     "offset": "offset" in leaf, "decode": f"gemv ({isa})" if isa != "xla" else "xla (fused)",
+        rows.append({"matrix": short, "gguf_types": types, "layout": f"{w.bits}-bit",
+                     "group": w.group, "scale": str(w.scale.dtype),
+                     "offset": w.offset is not None, "decode": f"gemv ({isa})" if isa != "xla" else "xla (fused)",
                      "prompt": f"dequant ({isa}) + XLA dot" if isa != "xla" else "xla"})
     return rows
 

@@ -48,10 +48,10 @@ def matrix_shapes(params: Any) -> list[str]:
     """HLO spellings `f32[N,K]` of every native weight matrix, to look for outside fusions."""
     import jax
 
-    from ..gguf.convert import is_native, native_width
+    from ..gguf.convert import is_native
 
     leaves = jax.tree.leaves(params, is_leaf=is_native)
-    return sorted({f"f32[{leaf['q'].shape[-2]},{native_width(leaf)}]" for leaf in leaves if is_native(leaf)})
+    return sorted({f"f32[{w.rows},{w.width}]" for w in leaves if is_native(w)})
 
 
 def compiled_kernels(model: Any) -> dict[str, Any]:

@@ -30,9 +30,9 @@ Q and K rows keep GGUF's order (the HF->GGUF converter permuted Llama's so that 
 adjacent pairs). Norm scales and biases stay float32; matrices and the embedding take `dtype`.
 
 Weight layouts (`weights=`): "float32" and "bfloat16" hold matrices as above. "native" (the
-default) keeps each quantized GGUF matrix as its blocks, in GGUF's `[out, in]` order:
-`{"q": int8 [L, N, K], "scale": float32 [L, N, K/g], "offset": float32 [L, N, K/g]}` (offset
-only where the type has one), every value exactly `scale * q + offset`, i.e. exactly what the
+default) keeps each quantized GGUF matrix as its blocks, a typed leaf `Blocks` in place of the
+`kernel` (or `embedding`) array, in GGUF's `[out, in]` order: `Blocks(q=int8 [L, N, K],
+scale=float32 [L, N, K/g], offset=float32 [L, N, K/g])` (offset only where the type has one), every value exactly `scale * q + offset`, i.e. exactly what the
 float32 layout holds, at a quarter of its size (scale and offset are float16 wherever every one
 of them is a float16 value, as GGUF's own Q8_0/Q4_x/Q5_x scales are, else float32: `half_scales`);
 the embedding likewise (`[V, D]`, which is also the tied output matrix). Types of at most 4 bits (`PACKED_QMIN`: Q4_0, Q4_1, Q4_K, Q3_K, Q2_K)
@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from .blocks import ARRAYS, Blocks, native_values, pack_bits, pack_nibbles, unpack_bits, unpack_nibbles  # noqa: F401
 from .config import LlamaConfig
 from .dequant import AFFINE, KERNELS, TWO_LEVEL, affine_blocks, dequantize_blocks, dequantize_numpy, two_level_blocks
 from ..errors import InvalidInputError, UnsupportedModelError
@@ -76,8 +77,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Weight layouts: "native" keeps GGUF's quantized blocks (exact values, int8 + scales), the
 #: float ones dequantize. "auto" is the fastest exact layout: native.
 WEIGHTS = ("auto", "native", "float32", "bfloat16")
-#: The arrays of a native leaf (it may hold others: `mins`, `bias`).
-NATIVE_KEYS = ("q", "qh", "scale", "scale_d", "offset", "offset_d")
+#: The arrays of a native matrix (`Blocks`).
+NATIVE_KEYS = ARRAYS
 
 
 def check_dtype(dtype: str) -> Any:
@@ -112,68 +113,6 @@ FIVE_BIT_QMIN = {
 }
 
 
-def pack_bits(bits: jax.Array) -> jax.Array:
-    """Bits 0/1 `[..., K]` -> uint8 `[..., K/8]`, as GGUF's Q5_0 keeps fifth bits: per 32 values
-    a little-endian uint32 whose bit j belongs to value j."""
-    b = bits.astype(jnp.uint8).reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8)
-    return jnp.sum(b << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-
-
-def unpack_bits(packed: jax.Array) -> jax.Array:
-    """The inverse of `pack_bits`, as uint8 0/1 `[..., K]`."""
-    b = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-    return b.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
-
-
-def pack_nibbles(q: jax.Array) -> jax.Array:
-    """Values 0..15 `[..., K]` -> uint8 `[..., K/2]`, as GGUF packs Q4 blocks: per 32 values,
-    16 bytes whose low nibbles hold values 0..15 and high nibbles values 16..31."""
-    u = q.astype(jnp.uint8).reshape(*q.shape[:-1], q.shape[-1] // 32, 2, 16)
-    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*q.shape[:-1], q.shape[-1] // 2)
-
-
-def unpack_nibbles(packed: jax.Array) -> jax.Array:
-    """The inverse of `pack_nibbles`, as int8 `[..., K]`."""
-    b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 16, 16)
-    q = jnp.concatenate([b & 0x0F, b >> 4], axis=-1).astype(jnp.int8)
-    return q.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-
-
-def is_packed(leaf: Params) -> bool:
-    """A native leaf whose q holds two 4-bit values per byte (uint8)."""
-    return leaf["q"].dtype == jnp.uint8
-
-
-def native_width(leaf: Params) -> int:
-    """K, the input width of a native leaf (two values per byte of a packed q)."""
-    return leaf["q"].shape[-1] * (2 if is_packed(leaf) else 1)
-
-
-def native_values(leaf: Params) -> jax.Array:
-    """The float32 values `[..., N, K]` of a native leaf: scale * q (+ offset), exactly."""
-    q, scale = leaf["q"], group_floats(leaf, "scale")  # float16 scales convert exactly
-    if is_packed(leaf):
-        q = unpack_nibbles(q)
-    if "qh" in leaf:  # 5-bit values: the fifth bits add 16
-        q = q + (unpack_bits(leaf["qh"]) << 4).astype(jnp.int8)
-    groups = scale.shape[-1]
-    v = scale[..., None] * q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).astype(jnp.float32)
-    if "offset" in leaf:
-        v = v + group_floats(leaf, "offset")[..., None]
-    return v.reshape(q.shape)
-
-
-def group_floats(leaf: Params, key: str) -> jax.Array:
-    """A native leaf's `scale` or `offset` per group as float32: as stored (float32 or float16),
-    or for K-quants int8 multipliers times their float16 factor per super-block (`key + "_d"`),
-    a product float32 holds exactly."""
-    a = leaf[key].astype(jnp.float32)
-    if f"{key}_d" not in leaf:
-        return a
-    d = leaf[f"{key}_d"].astype(jnp.float32)
-    return jnp.repeat(d, a.shape[-1] // d.shape[-1], axis=-1) * a
-
-
 def _shift_to_unsigned(part: tuple[jax.Array, jax.Array, jax.Array | None], qmin: int) -> tuple:
     """(q, scale, offset) -> (q - qmin, scale, offset + qmin * scale): every value unchanged.
 
@@ -189,16 +128,8 @@ def _shift_to_unsigned(part: tuple[jax.Array, jax.Array, jax.Array | None], qmin
 
 
 def is_native(leaf: Any) -> bool:
-    return isinstance(leaf, dict) and "q" in leaf
-
-
-def mark_native(node: Any, marker: str) -> Any:
-    """`node` with `marker: None` added to each native leaf, at any depth: no array, but part of
-    the pytree's structure, so jit traces marked leaves apart (`model.native_dense` reads them)."""
-    if not isinstance(node, dict):
-        return node
-    out = {k: mark_native(v, marker) for k, v in node.items()}
-    return {**out, marker: None} if is_native(node) else out
+    """A matrix kept as GGUF blocks (`Blocks`)."""
+    return isinstance(leaf, Blocks)
 
 
 def convert_params(params: Params, weights: str) -> Params:
@@ -211,14 +142,12 @@ def convert_params(params: Params, weights: str) -> Params:
     target = DTYPES[layout]
 
     def walk(node: Any, key: str | None) -> Any:
-        if is_native(node):
-            values = native_values(node)
-            rest = {k: v for k, v in node.items() if k not in NATIVE_KEYS + ("sharded",)}
-            if key == "token_embd":
-                return {**rest, "embedding": values.astype(target)}
-            return {**rest, "kernel": jnp.swapaxes(values, -1, -2).astype(target)}
+        if isinstance(node, Blocks):
+            values = node.values()
+            return values.astype(target) if key == "embedding" else jnp.swapaxes(values, -1, -2).astype(target)
         if isinstance(node, dict):
-            return {k: (v.astype(target) if k in ("kernel", "embedding") else walk(v, k)) for k, v in node.items()}
+            return {k: (v.astype(target) if k in ("kernel", "embedding") and not is_native(v) else walk(v, k))
+                    for k, v in node.items()}
         return node
 
     return walk(params, None)
@@ -349,8 +278,7 @@ def _convert(raws: dict[str, list[jax.Array]], spec: tuple, dtype: Any, native: 
                 stacked["q"] = stacked["q"] & 15
             if packed:
                 stacked["q"] = pack_nibbles(stacked["q"])
-            base = path.rsplit("/", 1)[0]
-            out.update({f"{base}/{k}": v for k, v in stacked.items()})
+            out.update({f"{path}/{k}": v for k, v in stacked.items()})
             continue
         parts, order = [], []
         for (ggml_type, layers), raw in zip(groups, raws[path]):
@@ -458,7 +386,8 @@ def half_scales(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def unflatten_paths(tree: dict[str, jax.Array]) -> Params:
-    """Turn '/'-joined keys (`_convert`'s, a kept conversion's) back into nested dicts under "params"."""
+    """Turn '/'-joined keys (`_convert`'s, a kept conversion's) back into nested dicts under
+    "params"; the arrays of a native matrix (`{path}/q`, `{path}/scale`, ...) become its `Blocks`."""
     out: Params = {}
     for key, value in tree.items():
         node = out
@@ -466,4 +395,32 @@ def unflatten_paths(tree: dict[str, jax.Array]) -> Params:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return {"params": out}
+    return {"params": typed(out)}
+
+
+def typed(node: Any) -> Any:
+    """Nested dicts with each native matrix as a dict of its arrays (`{"q", "scale", ...}`, as
+    files keep them) -> the same with `Blocks`; the inverse of `untyped`."""
+    if isinstance(node, dict) and "q" in node and set(node) <= set(ARRAYS):
+        return Blocks(**node)
+    return {k: typed(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+
+def untyped(node: Any) -> Any:
+    """Every `Blocks` in `node` as the dict of its arrays: plain data for a file."""
+    if isinstance(node, Blocks):
+        return node.arrays()
+    return {k: untyped(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+
+def flatten_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """The inverse of `unflatten_paths` (without the "params" level): '/'-joined key -> array,
+    a `Blocks`' arrays under its path."""
+    if isinstance(tree, Blocks):
+        tree = tree.arrays()
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten_paths(v, f"{prefix}{k}/"))
+        return out
+    return {prefix[:-1]: tree}

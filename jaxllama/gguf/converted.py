@@ -44,7 +44,7 @@ import numpy as np
 import xxhash
 
 from ..errors import InvalidInputError
-from .convert import Params, unflatten_paths
+from .convert import Params, flatten_paths, unflatten_paths
 
 MIN_BYTES = 16 * 2**20  # tensor bytes from which a file's conversion is kept
 LAYOUTS = ("native",)  # layouts kept
@@ -131,15 +131,6 @@ def locked(entry: Path | None, wait: bool = True) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def _checksum(arr: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
 
@@ -201,7 +192,7 @@ def store(entry: Path | None, params: Params, source: Path | None = None) -> Non
         remove_leftovers(entry.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{os.getpid()}-", dir=entry.parent))
         arrays = []
-        for i, (key, value) in enumerate(_flatten(params["params"]).items()):
+        for i, (key, value) in enumerate(flatten_paths(params["params"]).items()):
             if value is None:
                 arrays.append({"key": key, "file": None})
                 continue

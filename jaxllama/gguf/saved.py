@@ -19,11 +19,11 @@ import numpy as np
 
 from ..errors import GGUFFormatError, JaxLlamaError
 from .config import LlamaConfig
-from .convert import Params, convert_params
+from .convert import Params, convert_params, typed, untyped
 from .reader import GGUF_MAGIC
 
 SAVED_FORMAT = "jaxllama-params"
-SAVED_VERSION = 1
+SAVED_VERSION = 2  # 2: native matrices nested under "kernel"/"embedding" (`Blocks`)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def save_params(path: str | os.PathLike, config: LlamaConfig, params: Params, me
         "source": {"path": str(source), "sha256": source_sha256},
         "metadata": metadata,
         "tensor_types": tensor_types,
-        "params": jax.tree.map(np.asarray, params),
+        "params": jax.tree.map(np.asarray, untyped(params)),
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
@@ -77,10 +77,12 @@ def load_saved(path: Path, weights: str = "auto") -> SavedModel:
         blob = serialization.msgpack_restore(path.read_bytes())
         if not isinstance(blob, dict) or blob.get("format") != SAVED_FORMAT:
             raise GGUFFormatError(f"{path}: not a jaxllama parameter file")
+        if blob.get("version") == 1:
+            raise GGUFFormatError(f"{path}: written by an older jaxllama (version 1); save it again from its GGUF")
         if blob.get("version") != SAVED_VERSION:
             raise GGUFFormatError(f"{path}: unsupported parameter file version {blob.get('version')!r}")
         config = LlamaConfig.from_dict(blob["config"])
-        params = convert_params(jax.tree.map(jnp.asarray, blob["params"]), weights)
+        params = convert_params(typed(jax.tree.map(jnp.asarray, blob["params"])), weights)
         source = blob["source"]
         return SavedModel(config, params, blob["metadata"], Path(source["path"]), source["sha256"],
                           blob["tensor_types"])

@@ -47,6 +47,7 @@ import numpy as np
 from jax import lax
 
 from ..errors import JaxLlamaError
+from ..gguf.blocks import Blocks
 
 SOURCES = ("gemv.cc", "gemv_body.inc", "attend_body.inc", "dequant_body.inc")
 TARGET = "jaxllama_gemv_v3"
@@ -198,30 +199,19 @@ def isa() -> str:
     return _library().JaxllamaKernelIsa().decode() if available() else "xla"
 
 
-def stacked(leaf: dict, layer: jax.Array | int | None) -> tuple[jax.Array, ...]:
-    """(q, qh, scale, scale_d, offset, offset_d, layer index) of a native leaf as the kernel takes
-    them: `[L, N, ...]` arrays (a 2-D leaf becomes one layer) and an int32 `[1]` index; a missing
-    array is `[L, N, 0]`."""
-    q, scale = leaf["q"], leaf["scale"]
-    if layer is None:
-        q, scale = q[None], scale[None]
+def stacked(w: Blocks) -> tuple[jax.Array, ...]:
+    """(q, qh, scale, scale_d, offset, offset_d, layer index) of GGUF blocks as the kernel takes
+    them: `[L, N, ...]` arrays (blocks without a layer index become one layer) and an int32 `[1]`
+    index; a missing array is `[L, N, 0]`."""
+    arrays = w.arrays() if w.layer is not None else {k: v[None] for k, v in w.arrays().items()}
+    lead = arrays["scale"].shape[:-1]
 
     def optional(key: str, dtype: jnp.dtype) -> jax.Array:
-        a = leaf.get(key)
-        if a is None:
-            return jnp.zeros((*scale.shape[:-1], 0), dtype)
-        return a[None] if layer is None else a
+        return arrays[key] if key in arrays else jnp.zeros((*lead, 0), dtype)
 
-    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-    return (q, optional("qh", jnp.uint8), scale, optional("scale_d", jnp.float16), optional("offset", scale.dtype),
-            optional("offset_d", jnp.float16), index)
-
-
-def one_layer(leaf: dict, layer: jax.Array | int | None) -> dict:
-    """Layer `layer`'s blocks of a layer-stacked native leaf (the leaf itself without a layer)."""
-    if layer is None:
-        return leaf
-    return {k: lax.dynamic_index_in_dim(v, layer, keepdims=False) for k, v in leaf.items()}
+    index = jnp.asarray(0 if w.layer is None else w.layer, jnp.int32).reshape(1)
+    return (arrays["q"], optional("qh", jnp.uint8), arrays["scale"], optional("scale_d", jnp.float16),
+            optional("offset", arrays["scale"].dtype), optional("offset_d", jnp.float16), index)
 
 
 def _on_cpu(target: str, out: jax.ShapeDtypeStruct, args: tuple, fallback: Callable[[], jax.Array],
@@ -232,30 +222,27 @@ def _on_cpu(target: str, out: jax.ShapeDtypeStruct, args: tuple, fallback: Calla
                                   default=lambda *a: fallback())
 
 
-def gemv(rows: jax.Array, leaf: dict, layer: jax.Array | int | None, fallback) -> jax.Array:
-    """`rows [M, K] @ W.T` for a native leaf W, through the CPU kernel when this process has it,
-    else `fallback(rows, leaf_of_this_layer)`. With `layer`, `leaf` holds every layer's blocks
-    (`[L, N, K]`) and the product uses layer `layer` without copying it out."""
-    pure = lambda: fallback(rows, one_layer(leaf, layer))  # noqa: E731
+def gemv(rows: jax.Array, w: Blocks, fallback: Callable) -> jax.Array:
+    """`rows [M, K] @ W.T` for GGUF blocks W, through the CPU kernel when this process has it,
+    else `fallback(rows, w.one_layer())`. Stacked blocks (`[L, N, K]`) with a `layer` index are
+    read at that layer without copying it out."""
+    pure = lambda: fallback(rows, w.one_layer())  # noqa: E731
     if not (rows.shape[0] <= MAX_ROWS and available()):
         return pure()
-    arrays = stacked(leaf, layer)
-    out = jax.ShapeDtypeStruct((rows.shape[0], arrays[0].shape[1]), jnp.float32)
+    arrays = stacked(w)
+    out = jax.ShapeDtypeStruct((rows.shape[0], w.rows), jnp.float32)
     return _on_cpu(TARGET, out, (rows, *arrays), pure)
 
 
-def dequant(leaf: dict, layer: jax.Array | int | None, fallback: Callable[[dict], jax.Array]) -> jax.Array:
-    """Layer `layer`'s matrix `[N, K]` of a (layer-stacked) native leaf in float32, through the CPU
-    kernel when this process has it (the blocks read in place, every thread writing), else
-    `fallback(leaf_of_this_layer)`; the same values either way, bit for bit."""
-    from ..gguf.convert import native_width
-
-    pure = lambda: fallback(one_layer(leaf, layer))  # noqa: E731
+def dequant(w: Blocks, fallback: Callable) -> jax.Array:
+    """The matrix `[N, K]` of GGUF blocks (layer `w.layer` of stacked ones) in float32, through
+    the CPU kernel when this process has it (the blocks read in place, every thread writing), else
+    `fallback(w.one_layer())`; the same values either way, bit for bit."""
+    pure = lambda: fallback(w.one_layer())  # noqa: E731
     if not available():
         return pure()
-    arrays = stacked(leaf, layer)
-    out = jax.ShapeDtypeStruct((arrays[0].shape[1], native_width({"q": arrays[0]})), jnp.float32)
-    return _on_cpu(DEQUANT_TARGET, out, arrays, pure)
+    out = jax.ShapeDtypeStruct((w.rows, w.width), jnp.float32)
+    return _on_cpu(DEQUANT_TARGET, out, stacked(w), pure)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: jax.Array,

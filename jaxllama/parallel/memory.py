@@ -67,6 +67,7 @@ def leaves(c: LlamaConfig, layout: str) -> dict[str, tuple[tuple[int, ...], int]
         if path[-1] in ("kernel", "embedding") and (path[1] in LAYER_MATRICES or path[0] in ("output", "token_embd")):
             if native:
                 block, offset, packed = native
+                base = "/".join(path)  # the arrays of its `Blocks`
                 out[f"{base}/q"] = ((*lead, shape[0], shape[1] // 2 if packed else shape[1]), 1)
                 out[f"{base}/scale"] = ((*lead, shape[0], shape[1] // block), 2)  # float16
                 if offset:

@@ -80,14 +80,15 @@ def check_model_split(c: LlamaConfig, model: int, block: int | None = None) -> N
 def native_block(params: dict) -> int | None:
     """The quantization block of the native row-split matrices (attn_output, ffn_down), or None."""
     layers = params["params"]["layers"]
-    from ..gguf.convert import is_packed, native_width
+    from ..gguf.blocks import Blocks
 
-    def block(leaf: dict) -> int:
+    def block(w: Blocks) -> int:
         # its group; a packed q splits in whole units of 32 values (16 bytes); K-quants' factors per 256
-        by = [native_width(leaf) // leaf["scale"].shape[-1], 32 if is_packed(leaf) else 0]
-        if "scale_d" in leaf:
-            by.append(native_width(leaf) // leaf["scale_d"].shape[-1])
+        by = [w.group, 32 if w.packed else 0]
+        if w.scale_d is not None:
+            by.append(w.width // w.scale_d.shape[-1])
         return max(by)
 
-    blocks = [block(layers[n]) for n in ("attn_output", "ffn_down") if isinstance(layers.get(n), dict) and "q" in layers[n]]
+    kernels = [layers[n]["kernel"] for n in ("attn_output", "ffn_down") if n in layers]
+    blocks = [block(w) for w in kernels if isinstance(w, Blocks)]
     return max(blocks) if blocks else None

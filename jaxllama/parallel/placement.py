@@ -6,6 +6,7 @@ are dropped from every result; callers keep their row count and slice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -14,6 +15,23 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .mesh import mesh_sizes
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class Placement:
+    """Where a parameter pytree lives, kept at its root as `params["placement"]` by
+    `rules.shard_params`: a static node (no arrays, part of the pytree's structure, so jit
+    traces placed parameters apart). On a mesh the decode step's attention stays XLA's, which
+    partitions, instead of the single-device CPU kernel (`model.run_model`)."""
+
+    data: int
+    model: int
+
+
+def is_placed(params: Any) -> bool:
+    """Whether `params` were placed on a mesh by `rules.shard_params`."""
+    return isinstance(params, dict) and isinstance(params.get("placement"), Placement)
+
 
 #: the layer-stacked KV cache `[L, B, S, K, d]`: rows over "data", KV heads over "model"
 CACHE_SPEC = P(None, "data", None, "model", None)

@@ -1,7 +1,7 @@
 """The sharding rules: one table from parameter path to `PartitionSpec`, and the placement of a
 parameter pytree on a mesh by it.
 
-Megatron layout over the "model" axis. Float kernels are `[L, in, out]`; native (quantized) leaves
+Megatron layout over the "model" axis. Float kernels are `[L, in, out]`; GGUF blocks (`Blocks`)
 keep GGUF's `[L, out, in]` order, their `scale`/`offset` `[L, out, in/block]` split along the
 same axis as `q` (so a shard holds whole blocks). The layer axis comes first and is never split.
 Paths not in the table (norms, RoPE factors, the activation-quantization `mins`) are replicated.
@@ -15,29 +15,31 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..gguf.config import LlamaConfig
-from ..gguf.convert import NATIVE_KEYS, Params, mark_native
+from ..gguf.blocks import ARRAYS, Blocks
+from ..gguf.convert import Params
 from .mesh import check_model_split, mesh_sizes, native_block
+from .placement import Placement
 
 #: split by output columns: each shard computes whole heads (whole KV-head groups) or FFN columns
 OUT_SPLIT = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
 #: split by input rows: each shard multiplies its heads / FFN columns; the partial sums are all-reduced
 IN_SPLIT = ("attn_output", "ffn_down")
-NATIVE = NATIVE_KEYS
+NATIVE = ARRAYS
 
 #: The table: '/'-joined parameter path -> PartitionSpec. VOCAB paths follow `vocab=`.
 RULES: dict[str, P] = {
     **{f"layers/{n}/kernel": P(None, None, "model") for n in OUT_SPLIT},
-    **{f"layers/{n}/{k}": P(None, "model", None) for n in OUT_SPLIT for k in NATIVE},
+    **{f"layers/{n}/kernel/{k}": P(None, "model", None) for n in OUT_SPLIT for k in NATIVE},
     **{f"layers/{n}/bias": P(None, "model") for n in OUT_SPLIT},
     **{f"layers/{n}/kernel": P(None, "model", None) for n in IN_SPLIT},
-    **{f"layers/{n}/{k}": P(None, None, "model") for n in IN_SPLIT for k in NATIVE},
+    **{f"layers/{n}/kernel/{k}": P(None, None, "model") for n in IN_SPLIT for k in NATIVE},
 }
 #: the embedding and output over the vocabulary (used with vocab="split")
 VOCAB_RULES: dict[str, P] = {
     "token_embd/embedding": P("model", None),
-    **{f"token_embd/{k}": P("model", None) for k in NATIVE},
+    **{f"token_embd/embedding/{k}": P("model", None) for k in NATIVE},
     "output/kernel": P(None, "model"),
-    **{f"output/{k}": P("model", None) for k in NATIVE},
+    **{f"output/kernel/{k}": P("model", None) for k in NATIVE},
     "output/bias": P("model"),
 }
 #: Measured on SmolLM2-135M (tied 49152 x 576 embedding) over 4 CPU devices, see the README.
@@ -62,7 +64,7 @@ def rules_table(vocab: str = DEFAULT_VOCAB) -> list[tuple[str, str]]:
 
 
 def _path(keys: tuple) -> str:
-    names = [str(getattr(k, "key", k)) for k in keys]
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in keys]  # dict keys, `Blocks` fields
     return "/".join(names[1:] if names and names[0] == "params" else names)
 
 
@@ -90,12 +92,12 @@ def shard_params(params: Params, mesh: Mesh, config: LlamaConfig, vocab: str = D
         raise InvalidInputError(f"vocab: must be one of {', '.join(VOCAB_CHOICES)}, not {vocab!r}")
     _, model = mesh_sizes(mesh)
     check_model_split(config, model, native_block(params))
-    return {**mark_sharded(jax.device_put(params, param_shardings(params, mesh, vocab))), "sharded": None}
+    placed = jax.device_put(params, param_shardings(params, mesh, vocab))
+    return {**mark_sharded(placed), "placement": Placement(*mesh_sizes(mesh))}
 
 
 def mark_sharded(node: Any) -> Any:
-    """Native leaves of a placed pytree get `"sharded": None` (no array, but part of the pytree's
-    structure, so jit traces them apart): their products stay XLA's, which the partitioner can
-    split, instead of the single-device CPU kernel (`model.native_dense`). `shard_params` marks
-    the root too, for the decode step's attention (`model.forward_step`)."""
-    return mark_native(node, "sharded")
+    """`node` with every `Blocks` marked `sharded`: their products stay XLA's, which the
+    partitioner can split, instead of the single-device CPU kernel (`model.native_dense`)."""
+    return jax.tree.map(lambda b: b.replace(sharded=True) if isinstance(b, Blocks) else b, node,
+                        is_leaf=lambda x: isinstance(x, Blocks))
