@@ -26,7 +26,11 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def reference_logits(path, tokens: list[int]) -> np.ndarray:
+def reference_logits(path, tokens: list[int], keep: dict | None = None) -> np.ndarray:
+    """Float64 logits of `tokens`; with `keep`, also fills it with per-layer lists of `l_out`
+    `[T, D]`, `ffn_inp`, `attn_weights` `[H, T, T]`, `kqv_out` `[T, H*d]`, and `head(x)`, the final
+    norm and output projection as a function (the lens's reference)."""
+    keep = {} if keep is None else keep
     r = gguf.GGUFReader(path)
     a = _field(r, "general.architecture")
     n_layer = _field(r, f"{a}.block_count")
@@ -85,13 +89,19 @@ def reference_logits(path, tokens: list[int]) -> np.ndarray:
             s = q[:, head] @ k[:, kv].T / np.sqrt(hd)
             s = np.where(visible, s, -np.inf)
             p = np.exp(s - s.max(axis=-1, keepdims=True))
-            heads.append((p / p.sum(axis=-1, keepdims=True)) @ v[:, kv])
+            p = p / p.sum(axis=-1, keepdims=True)
+            keep.setdefault("attn_weights", [[] for _ in range(n_layer)])[layer].append(p)
+            heads.append(p @ v[:, kv])
+        keep.setdefault("kqv_out", []).append(np.concatenate(heads, axis=-1))
         attn = np.concatenate(heads, axis=-1) @ g("attn_output").T
         x = x + (norm(attn, g("post_attention_norm")) if a == "gemma3" else attn)
+        keep.setdefault("ffn_inp", []).append(x)
         h = norm(x, g("ffn_norm"))
         gate = h @ g("ffn_gate").T
         act = _gelu_tanh(gate) if a == "gemma3" else gate * 0.5 * (1 + np.tanh(gate / 2))  # silu, overflow-free
         out = (act * (h @ g("ffn_up").T)) @ g("ffn_down").T
         x = x + (norm(out, g("post_ffw_norm")) if a == "gemma3" else out)
-    x = norm(x, W["output_norm.weight"])
-    return x @ W.get("output.weight", emb).T + W.get("output.bias", 0)
+        keep.setdefault("l_out", []).append(x)
+    keep["attn_weights"] = [np.stack(w) for w in keep.get("attn_weights", [])]
+    keep["head"] = lambda y: norm(y, W["output_norm.weight"]) @ W.get("output.weight", emb).T + W.get("output.bias", 0)
+    return keep["head"](x)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cache import add_parser as add_cache_parser, cmd_cache
+from .circuits import add_parsers as add_circuit_parsers, cmd_attention, cmd_lens, cmd_patch
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from .score import add_mesh_arg, add_score_parsers, cmd_kl_divergence, cmd_perplexity, mesh_of
 from ..errors import InvalidInputError, JaxLlamaError
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     add_mesh_arg(chat)
     add_score_parsers(sub, _model_arg)
     add_cache_parser(sub)
+    add_circuit_parsers(sub, _model_arg, _input_args)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
     from ..bench import add_arguments
 
@@ -376,9 +378,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lens(args: argparse.Namespace) -> int:
+    return cmd_lens(args, _load_model, _input_tokens)
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    return cmd_attention(args, _load_model, _input_tokens, parse_layers)
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    return cmd_patch(args, _load_model)
+
+
 COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits,
             "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench,
-            "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence, "cache": cmd_cache}
+            "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence, "cache": cmd_cache,
+            "lens": _cmd_lens, "attention": _cmd_attention, "patch": _cmd_patch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,157 @@
+"""Activation patching sweeps: where does a clean prompt's computation restore a corrupted one?
+
+For every cell (layer x position of a residual-stream or branch probe, or layer x head of
+`kqv_out`), the corrupted prompt runs with that one cell replaced by its value in the clean run;
+the metric at the last position (a logit difference of two tokens, or a token's probability) is
+reported normalised: `(patched - corrupted) / (clean - corrupted)`, 1 meaning fully restored.
+
+The sweep is batched: `batch` cells per jitted forward, each row of the batch patching its own
+cell through one intervention that reads the row's (layer, position or head) from a table, so
+one compiled program serves every batch. Each cell equals one run of `interventions.patch` with
+the clean value put at that cell (tests/test_circuits.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..gguf.config import LlamaConfig
+from ..model import Run, forward_capture, head, positions_and_mask, run_model
+from ..tracing.probes import Intervention, ProbeSpec
+
+METRICS = ("logit_diff", "prob")
+PROBES = ("l_out", "attn_out", "attn_post_norm", "ffn_out", "ffn_post_norm", "ffn_inp", "sa_out", "kqv_out")
+
+
+@partial(jax.jit, static_argnames=("config", "probe", "per_head", "metric"))
+def patched_metric(params: Any, tokens: jax.Array, clean: jax.Array, cell_layer: jax.Array, cell_index: jax.Array,
+                   answer: jax.Array, wrong: jax.Array, config: LlamaConfig, probe: str, per_head: bool,
+                   metric: str) -> jax.Array:
+    """The metric at the last position for each row b of a batch of `tokens [T]`, with probe
+    `probe` at layer `cell_layer[b]` and position (or, `per_head`, head) `cell_index[b]`
+    replaced by `clean [L, T, X]` there; a row whose `cell_layer` is -1 runs unpatched. `[B]`."""
+    c = config
+    b, t = cell_layer.shape[0], tokens.shape[0]
+
+    def put_clean(x: jax.Array, ctx: dict) -> jax.Array:  # x [B, T, X]
+        value = clean[ctx["layer"]][None]  # [1, T, X]
+        here = cell_layer == ctx["layer"]
+        if per_head:
+            hx, hv = x.reshape(b, t, c.n_head, -1), value.reshape(1, t, c.n_head, -1)
+            mask = here[:, None, None, None] & (jnp.arange(c.n_head)[None, None, :, None] == cell_index[:, None, None, None])
+            return jnp.where(mask, hv, hx).reshape(x.shape)
+        mask = here[:, None, None] & (jnp.arange(t)[None, :, None] == cell_index[:, None, None])
+        return jnp.where(mask, value, x)
+
+    rows = jnp.broadcast_to(tokens, (b, t))
+    positions, vis = positions_and_mask(rows, None)
+    run = Run(ProbeSpec(interventions=(Intervention(probe, put_clean),)), head=False)
+    x, _, _ = run_model(params, rows, c, run, positions, vis, vis.key_ok)
+    logits = head(params["params"], x[:, -1:], c, {})[:, 0]  # [B, V]
+    if metric == "prob":
+        return jax.nn.softmax(logits, axis=-1)[:, answer]
+    return logits[:, answer] - logits[:, wrong]
+
+
+@partial(jax.jit, static_argnames=("config", "probe"))
+def _clean_values(params: Any, tokens: jax.Array, config: LlamaConfig, probe: str) -> jax.Array:
+    _, caps = forward_capture(params, tokens[None], config, probes=ProbeSpec(capture=(probe,)))
+    return caps[probe][:, 0]  # [L, T, X]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A patching grid: `grid[layer, position or head]`, normalised (1: clean restored)."""
+
+    probe: str
+    metric: str
+    layers: list[int]
+    positions: list[int] | None
+    heads: list[int] | None
+    metric_clean: float
+    metric_corrupted: float
+    grid: np.ndarray
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"probe": self.probe, "metric": self.metric, "layers": self.layers, "positions": self.positions,
+                "heads": self.heads, "metric_clean": self.metric_clean, "metric_corrupted": self.metric_corrupted,
+                "grid": np.round(self.grid.astype(np.float64), 7).tolist()}
+
+
+def check_pair(model: Any, clean: Sequence[int], corrupted: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = model.check_tokens(clean, "clean tokens"), model.check_tokens(corrupted, "corrupted tokens")
+    if len(a) != len(b):
+        raise InvalidInputError(f"clean and corrupted prompts must have the same number of tokens: {len(a)} and {len(b)}")
+    return a, b
+
+
+def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answer: int, wrong: int | None = None,
+                probe: str = "l_out", metric: str = "logit_diff", batch: int = 16) -> Sweep:
+    """The patching grid of `probe` over every layer and position (every head for `kqv_out`)."""
+    c = model.config
+    a, b = check_pair(model, clean, corrupted)
+    if probe not in PROBES or probe not in c.layer_probes:
+        raise InvalidInputError(f"probe {probe!r}: must be one of {', '.join(p for p in PROBES if p in c.layer_probes)}")
+    if metric not in METRICS:
+        raise InvalidInputError(f"metric: must be one of {', '.join(METRICS)}, not {metric!r}")
+    for name, tok in (("answer", answer), ("wrong", wrong)):
+        if tok is not None and not 0 <= tok < c.vocab_size:
+            raise InvalidInputError(f"{name}: token id {tok} is outside the vocabulary 0..{c.vocab_size - 1}")
+    if metric == "logit_diff" and wrong is None:
+        raise InvalidInputError("the logit_diff metric needs a wrong token")
+    if batch < 1:
+        raise InvalidInputError(f"batch: must be at least 1, not {batch}")
+    per_head = probe == "kqv_out"
+    width = c.n_head if per_head else len(b)
+    cells = [(layer, i) for layer in range(c.n_layer) for i in range(width)]
+    start = time.perf_counter()
+    values = _clean_values(model.params, jnp.asarray(a), c, probe)
+    run = partial(patched_metric, model.params, config=c, probe=probe, per_head=per_head, metric=metric,
+                  answer=jnp.int32(answer), wrong=jnp.int32(wrong if wrong is not None else 0), clean=values)
+    ends = run(jnp.asarray(a), cell_layer=jnp.full(batch, -1, jnp.int32), cell_index=jnp.zeros(batch, jnp.int32))
+    base = run(jnp.asarray(b), cell_layer=jnp.full(batch, -1, jnp.int32), cell_index=jnp.zeros(batch, jnp.int32))
+    m_clean, m_corr = float(ends[0]), float(base[0])
+    out = []
+    for s in range(0, len(cells), batch):
+        chunk = cells[s: s + batch]
+        chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # one shape: one compiled program
+        got = run(jnp.asarray(b), cell_layer=jnp.asarray([x for x, _ in chunk], jnp.int32),
+                  cell_index=jnp.asarray([y for _, y in chunk], jnp.int32))
+        out.append(np.asarray(got))
+    raw = np.concatenate(out)[: len(cells)].reshape(c.n_layer, width)
+    span = m_clean - m_corr
+    grid = (raw - m_corr) / span if span != 0 else np.full_like(raw, np.nan)
+    return Sweep(probe, metric, list(range(c.n_layer)), None if per_head else list(range(width)),
+                 list(range(width)) if per_head else None, m_clean, m_corr, grid, time.perf_counter() - start)
+
+
+def plot_sweep(sweep: Sweep, labels: Sequence[str], path: str) -> None:
+    """The grid as a layer x position (or head) heatmap, 1 = restored."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = sweep.grid
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * g.shape[1] + 2), max(4, 0.25 * g.shape[0] + 1.5)))
+    im = ax.imshow(g, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
+    if sweep.positions is not None:
+        ax.set_xticks(range(g.shape[1]), [s[:10] for s in labels], rotation=60, fontsize=7)
+        ax.set_xlabel("position (corrupted token)")
+    else:
+        ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"patching {sweep.probe}: {sweep.metric} restored")
+    fig.colorbar(im, ax=ax, label="fraction restored")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
