@@ -24,7 +24,8 @@ def execute(name: str) -> list[str]:
 
 
 def test_all_notebooks_are_tested():
-    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == {"quickstart.ipynb", "explore_layers.ipynb", "scoring.ipynb"}
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == {"quickstart.ipynb", "explore_layers.ipynb", "scoring.ipynb",
+                                                              "circuits.ipynb"}
 
 
 def test_quickstart(default_gguf):
@@ -44,3 +45,18 @@ def test_scoring(default_gguf):
     assert "tokens" in outs[0] and "PPL = " in outs[1] and "1 compilation(s)" in outs[1]
     assert outs[2].count("bits") == 5  # the five tokens where Q4_1 and F32 disagree most
     assert "mean KLD" in outs[3] and "same top token" in outs[3]
+
+
+def test_circuits(default_gguf):
+    """The story the notebook tells holds: ' Paris' tops the lens only at the last layer, the head
+    with the largest direct logit attribution is also the one whose patching restores the most,
+    and it attends from the last token to the country."""
+    outs = execute("circuits.ipynb")
+    lens = [line for line in outs[1].splitlines() if line.startswith("layer ")]
+    assert "top ' Paris'" in lens[-1] and "rank 0" in lens[-1]
+    assert all("top ' Paris'" not in line for line in lens[:-1])
+    best_dla = outs[2].splitlines()[0].split(":")[0]  # e.g. "L23H4"
+    assert f"heads that restore the most: ['{best_dla} " in outs[4]
+    france = float(outs[2].split("' France': ")[1].split(",")[0])
+    assert france > 0.5
+    assert "at the last token from layer" in outs[3]
