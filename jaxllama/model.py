@@ -564,7 +564,8 @@ class Cached(NamedTuple):
 
 
 def run_model(params: Params, tokens: jax.Array, config: LlamaConfig, run: Run, positions: jax.Array,
-              vis: Visibility, valid: jax.Array, cached: Cached | None = None
+              vis: Visibility, valid: jax.Array, cached: Cached | None = None,
+              resume: tuple[jax.Array, jax.Array] | None = None,
               ) -> tuple[jax.Array, dict[str, jax.Array], Cached | None]:
     """The one forward pass every entry point runs: embedding, one scanned layer body, head.
 
@@ -572,14 +573,21 @@ def run_model(params: Params, tokens: jax.Array, config: LlamaConfig, run: Run, 
     captures `{probe: [kept layers, B, T, ...]}` and global ones `{probe: [B, T, ...]}`; the
     updated cache, or None). `positions`, `vis` and `valid` (`[B, T]`: False at padding) come
     from the caller: a plain forward numbers tokens from 0, a cached step from its slots.
+
+    `resume = (x, start)` runs from the middle: `x [B, T, D]` is the residual stream entering
+    layer `start` (traced), the layers before it are skipped (a conditional in the scan: they
+    cost nothing) and the embedding is not computed. A patching sweep resumes each cell from the
+    corrupted run's stream at the patched layer. Interventions only: no statistics or captures.
     """
     p, c, spec = params["params"], config, run.probes
+    if resume is not None and (spec.stats or spec.capture or cached is not None):
+        raise InvalidInputError("a resumed run takes interventions only: no statistics, captures or cache")
     aq = dict(run.act_quant or ())
     freq_factors = p["rope"]["freq_factors"] if c.has_rope_freqs else None
     kinds = layer_kinds(c, positions, freq_factors)
     glob: dict[str, jax.Array] = {}
     gtap = make_tap(spec, jnp.int32(-1), glob, positions) if spec.active else no_tap
-    x = embed(p, tokens, c, gtap)
+    x = embed(p, tokens, c, gtap) if resume is None else resume[0]
 
     kept = capture_slots(spec, c)
     bufs = {
@@ -599,6 +607,10 @@ def run_model(params: Params, tokens: jax.Array, config: LlamaConfig, run: Run, 
         tap = make_tap(spec, layer, seen, positions) if spec.active else no_tap
         rot, layer_vis = choose_kind(slides, kinds, vis, c)
         step = None if kv is None else (kv[0], kv[1], layer, cached.start)
+        if resume is not None:  # layers before the start are skipped
+            x = lax.cond(layer >= resume[1], lambda h: block(h, layer_params(p["layers"], layer), rot, layer_vis, c, tap,
+                                                             aq, kernel=kernel)[0], lambda h: h, x)
+            return (x, bufs, kv), None
         x, kv = block(x, layer_params(p["layers"], layer), rot, layer_vis, c, tap, aq, step, kernel=kernel)
         emit_stats(spec, layer, seen, valid, c.layer_probes, positions)
         return (x, store_captures(bufs, seen, slot_table[layer]), kv), None

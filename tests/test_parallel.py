@@ -140,7 +140,7 @@ def test_the_table_covers_every_matrix_of_both_layouts(tiny_factory):
         model = jaxllama.load(path, weights=weights, mesh=mesh)
         specs = {}
         for keys, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-            specs["/".join(str(k.key) for k in keys[1:])] = leaf.sharding.spec
+            specs["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys[1:])] = leaf.sharding.spec
         split = {p for p, s in specs.items() if any(a is not None for a in s)}
         names = {p.split("/")[1] for p in split if p.startswith("layers/")}
         assert names == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}, weights

@@ -5,10 +5,13 @@ For every cell (layer x position of a residual-stream or branch probe, or layer 
 the metric at the last position (a logit difference of two tokens, or a token's probability) is
 reported normalised: `(patched - corrupted) / (clean - corrupted)`, 1 meaning fully restored.
 
-The sweep is batched: `batch` cells per jitted forward, each row of the batch patching its own
-cell through one intervention that reads the row's (layer, position or head) from a table, so
-one compiled program serves every batch. Each cell equals one run of `interventions.patch` with
-the clean value put at that cell (tests/test_circuits.py).
+The sweep is batched: the cells of one layer go `batch` at a time through one jitted forward,
+each row of the batch patching its own cell through one intervention that reads the row's
+(layer, position or head) from a table, so one compiled program serves every batch. Each
+forward resumes from the corrupted run's residual stream entering the patched layer
+(`run_model(resume=...)`): the layers before it, the same in every row, are not recomputed,
+which halves the work of a sweep. Each cell equals one run of `interventions.patch` with the
+clean value put at that cell (tests/test_circuits.py).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ PROBES = ("l_out", "attn_out", "attn_post_norm", "ffn_out", "ffn_post_norm", "ff
 
 
 @partial(jax.jit, static_argnames=("config", "probe", "per_head", "metric"))
-def patched_metric(params: Any, tokens: jax.Array, clean: jax.Array, cell_layer: jax.Array, cell_index: jax.Array,
-                   answer: jax.Array, wrong: jax.Array, config: LlamaConfig, probe: str, per_head: bool,
-                   metric: str) -> jax.Array:
-    """The metric at the last position for each row b of a batch of `tokens [T]`, with probe
-    `probe` at layer `cell_layer[b]` and position (or, `per_head`, head) `cell_index[b]`
-    replaced by `clean [L, T, X]` there; a row whose `cell_layer` is -1 runs unpatched. `[B]`."""
+def patched_metric(params: Any, tokens: jax.Array, entering: jax.Array, start: jax.Array, clean: jax.Array,
+                   cell_layer: jax.Array, cell_index: jax.Array, answer: jax.Array, wrong: jax.Array,
+                   config: LlamaConfig, probe: str, per_head: bool, metric: str) -> jax.Array:
+    """The metric at the last position for each row b of a batch of `tokens [T]`, run from layer
+    `start` on (`entering [T, D]`: the residual stream entering it), with probe `probe` at layer
+    `cell_layer[b]` and position (or, `per_head`, head) `cell_index[b]` replaced by
+    `clean [L, T, X]` there; a row whose `cell_layer` is -1 runs unpatched. `[B]`."""
     c = config
     b, t = cell_layer.shape[0], tokens.shape[0]
 
@@ -54,7 +58,8 @@ def patched_metric(params: Any, tokens: jax.Array, clean: jax.Array, cell_layer:
     rows = jnp.broadcast_to(tokens, (b, t))
     positions, vis = positions_and_mask(rows, None)
     run = Run(ProbeSpec(interventions=(Intervention(probe, put_clean),)), head=False)
-    x, _, _ = run_model(params, rows, c, run, positions, vis, vis.key_ok)
+    resume = (jnp.broadcast_to(entering, (b, t, c.d_model)), start)
+    x, _, _ = run_model(params, rows, c, run, positions, vis, vis.key_ok, resume=resume)
     logits = head(params["params"], x[:, -1:], c, {})[:, 0]  # [B, V]
     if metric == "prob":
         return jax.nn.softmax(logits, axis=-1)[:, answer]
@@ -62,9 +67,13 @@ def patched_metric(params: Any, tokens: jax.Array, clean: jax.Array, cell_layer:
 
 
 @partial(jax.jit, static_argnames=("config", "probe"))
-def _clean_values(params: Any, tokens: jax.Array, config: LlamaConfig, probe: str) -> jax.Array:
-    _, caps = forward_capture(params, tokens[None], config, probes=ProbeSpec(capture=(probe,)))
-    return caps[probe][:, 0]  # [L, T, X]
+def run_values(params: Any, tokens: jax.Array, config: LlamaConfig, probe: str) -> tuple[jax.Array, jax.Array]:
+    """`probe` at every layer `[L, T, X]` and the residual stream entering every layer `[L, T, D]`."""
+    first = "inp_scaled" if "inp_scaled" in config.global_probes else "inp_embd"
+    names = tuple(dict.fromkeys((probe, "l_out", first)))
+    _, caps = forward_capture(params, tokens[None], config, probes=ProbeSpec(capture=names))
+    entering = jnp.concatenate([caps[first], caps["l_out"][:-1, 0]])
+    return caps[probe][:, 0], entering
 
 
 @dataclass(frozen=True)
@@ -112,22 +121,23 @@ def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answ
         raise InvalidInputError(f"batch: must be at least 1, not {batch}")
     per_head = probe == "kqv_out"
     width = c.n_head if per_head else len(b)
-    cells = [(layer, i) for layer in range(c.n_layer) for i in range(width)]
+    batch = min(batch, width)  # a forward holds cells of one layer only
     start = time.perf_counter()
-    values = _clean_values(model.params, jnp.asarray(a), c, probe)
+    values, clean_in = run_values(model.params, jnp.asarray(a), c, probe)
+    _, corrupted_in = run_values(model.params, jnp.asarray(b), c, probe)
     run = partial(patched_metric, model.params, config=c, probe=probe, per_head=per_head, metric=metric,
                   answer=jnp.int32(answer), wrong=jnp.int32(wrong if wrong is not None else 0), clean=values)
-    ends = run(jnp.asarray(a), cell_layer=jnp.full(batch, -1, jnp.int32), cell_index=jnp.zeros(batch, jnp.int32))
-    base = run(jnp.asarray(b), cell_layer=jnp.full(batch, -1, jnp.int32), cell_index=jnp.zeros(batch, jnp.int32))
-    m_clean, m_corr = float(ends[0]), float(base[0])
-    out = []
-    for s in range(0, len(cells), batch):
-        chunk = cells[s: s + batch]
-        chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # one shape: one compiled program
-        got = run(jnp.asarray(b), cell_layer=jnp.asarray([x for x, _ in chunk], jnp.int32),
-                  cell_index=jnp.asarray([y for _, y in chunk], jnp.int32))
-        out.append(np.asarray(got))
-    raw = np.concatenate(out)[: len(cells)].reshape(c.n_layer, width)
+    none = {"cell_layer": jnp.full(batch, -1, jnp.int32), "cell_index": jnp.zeros(batch, jnp.int32)}
+    m_clean = float(run(jnp.asarray(a), clean_in[0], jnp.int32(0), **none)[0])
+    m_corr = float(run(jnp.asarray(b), corrupted_in[0], jnp.int32(0), **none)[0])
+    raw = np.zeros((c.n_layer, width))
+    for layer in range(c.n_layer):  # one layer's cells per forward, resumed at that layer
+        for s in range(0, width, batch):
+            idx = list(range(s, min(s + batch, width)))
+            idx = idx + [idx[-1]] * (batch - len(idx))  # one shape: one compiled program
+            got = run(jnp.asarray(b), corrupted_in[layer], jnp.int32(layer), cell_layer=jnp.full(batch, layer, jnp.int32),
+                      cell_index=jnp.asarray(idx, jnp.int32))
+            raw[layer, s: s + batch] = np.asarray(got)[: min(batch, width - s)]
     span = m_clean - m_corr
     grid = (raw - m_corr) / span if span != 0 else np.full_like(raw, np.nan)
     return Sweep(probe, metric, list(range(c.n_layer)), None if per_head else list(range(width)),

@@ -18,6 +18,8 @@ ratios measured in one run compare. Sections (`--only a,b`):
   tokenize  1 MB of text
   scoring   perplexity of a text (GPL-3, ctx 512): whole run and steady state next to
             llama-perplexity's batching, and peak RSS scoring one long row (bench/scoring.py)
+  patching  an activation-patching sweep batched 16 cells per forward against the same cells one by
+            one (no llama.cpp side: it has no patching)
   device    no llama.cpp: prefill and decode on the JAX backend at hand (a GPU, say), the decode
             step's share of a measured copy bandwidth, and the compiled kernels (bench/device.py)
 
@@ -41,7 +43,8 @@ import numpy as np
 
 from .common import child_json, kernel_table, machine, peak_rss_mb, reset_peak_rss, run_child, timed
 
-SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring", "device")
+SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring", "patching",
+            "device")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # `device` is for machines where llama.cpp's side is not the point
 LAYOUTS = ("native", "float32")
 CHAT = "Write one sentence about the sea."
@@ -269,6 +272,25 @@ def bench_tracing(model: Any, repeats: int) -> dict[str, Any]:
     return out
 
 
+def bench_patching(model: Any, repeats: int) -> dict[str, Any]:
+    """A patching sweep (`l_out`, every layer x position of a 16-token prompt pair) batched, 16
+    cells per forward, against the same cells run one by one (one compiled program each way,
+    compiled before timing)."""
+    from ..analysis import patch_sweep
+
+    rng = np.random.default_rng(2)
+    clean = rng.integers(0, model.config.vocab_size, size=16).tolist()
+    corrupted = [*clean[:8], int(rng.integers(0, model.config.vocab_size)), *clean[9:]]
+    answer, wrong = 1, 2
+    out = {"cells": model.config.n_layer * len(clean)}
+    for name, batch in (("batched_16_s", 16), ("one_by_one_s", 1)):
+        patch_sweep(model, clean, corrupted, answer, wrong, batch=batch)  # compile
+        out[name] = round(statistics.median(patch_sweep(model, clean, corrupted, answer, wrong, batch=batch).seconds
+                                 for _ in range(repeats)), 3)
+    out["speedup"] = round(out["one_by_one_s"] / out["batched_16_s"], 2)
+    return out
+
+
 def bench_tokenize(model: Any, path: Path, repeats: int) -> dict[str, Any]:
     from ..reference import LlamaCpp
 
@@ -338,7 +360,7 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
 
     r: dict[str, Any] = {"model": str(path), "machine": machine(), "threads": threads, "repeats": repeats,
                          "ratios": "ours / llama.cpp (throughput), llama.cpp / ours (time): > 1 means jaxllama is faster"}
-    in_process = {"prefill", "decode", "fill", "tracing", "device", "tokenize"} & set(sections)
+    in_process = {"prefill", "decode", "fill", "tracing", "device", "tokenize", "patching"} & set(sections)
     models = {layout: jaxllama.load(path, weights=layout) for layout in LAYOUTS} if in_process else {}
     if models:
         r["kernels"] = kernel_table(models["native"])
@@ -356,6 +378,8 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
         from .device import bench_device
 
         r["device"] = bench_device(models, repeats, decode_tokens)
+    if "patching" in sections:
+        r["patching"] = bench_patching(models["native"], repeats)
     if "tokenize" in sections:
         r["tokenize_1mb"] = bench_tokenize(models["native"], path, repeats)
     del models
