@@ -213,3 +213,22 @@ def test_patching_refuses_bad_input(tiny_gguf):
         patch_sweep(model, TOKENS, TOKENS, 5, 9, probe="ffn_up")
     with pytest.raises(InvalidInputError, match="wrong token"):
         patch_sweep(model, TOKENS, TOKENS, 5)
+
+
+def test_tuned_lens_beats_the_logit_lens_on_held_out_tokens(tiny_factory, tmp_path):
+    from jaxllama.analysis.tuned import held_out_kl, load_translators, train_translators
+
+    model = jaxllama.load(tiny_factory(TinySpec(n_layer=4)))
+    rng = np.random.default_rng(0)
+    train, held = rng.integers(0, 96, 1024).tolist(), rng.integers(0, 96, 256).tolist()
+    tr = train_translators(model, train, steps=60, batch=64, ctx=64, lr=3e-3, progress=False)
+    kl = held_out_kl(model, held, tr, ctx=64)
+    assert all(t < lg for t, lg in zip(kl["tuned"][:-1], kl["logit"][:-1])), kl  # every layer with a translator
+    assert kl["tuned"][-1] == kl["logit"][-1] and abs(kl["logit"][-1]) < 1e-6  # the last layer is the model's own
+    path = tr.save(tmp_path / "t.npz")
+    back = load_translators(path, model)
+    assert np.array_equal(back.a, tr.a) and np.array_equal(back.b, tr.b) and back.model_sha256 == model.sha256
+    lens, tuned = logit_lens(model, held[:16]), logit_lens(model, held[:16], translators=back)
+    assert np.array_equal(lens.top_ids[-1], tuned.top_ids[-1]) and not np.allclose(lens.entropy[0], tuned.entropy[0])
+    with pytest.raises(InvalidInputError, match="this model has 2 of width"):
+        load_translators(path, jaxllama.load(tiny_factory(TinySpec())))

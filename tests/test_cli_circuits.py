@@ -107,3 +107,23 @@ def test_the_analyses_on_real_models(real_model):
     sweep = patch_sweep(m, tokens, m.tokenizer.encode("The capital of Italy is"), paris, rome, batch=32)
     assert sweep.grid.shape == (c.n_layer, len(tokens)) and sweep.metric_clean > sweep.metric_corrupted
     assert abs(sweep.grid[-1, -1] - 1) < 1e-3 and np.abs(sweep.grid[-1, :-1]).max() < 1e-3
+
+
+def test_lens_train_then_tuned_lens(tmp_path, default_model):
+    """`jaxllama lens train` on a short text, then `lens --lens tuned` with what it wrote."""
+    from texts import licence_text
+
+    text = tmp_path / "train.txt"
+    text.write_text(licence_text()[:6000], encoding="utf-8")
+    out = tmp_path / "tuned.npz"
+    done = run("lens", "train", "--file", text, "--out", out, "--steps", 8, "--ctx", 64, "--json")
+    assert done.returncode == 0, done.stderr
+    kl = json.loads(done.stdout)["held_out_kl"]
+    assert len(kl["logit"]) == len(kl["tuned"]) == default_model.config.n_layer
+    assert sum(kl["tuned"][:-1]) < sum(kl["logit"][:-1])  # 8 steps already help on the whole
+    done = run("lens", "--prompt", PROMPT, "--lens", "tuned", "--translators", out, "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["lens"] == "tuned" and len(got["entropy"]) == default_model.config.n_layer
+    bad = run("lens", "--prompt", PROMPT, "--lens", "tuned")
+    assert bad.returncode == 1 and "--translators" in bad.stderr

@@ -116,10 +116,11 @@ class Lens:
 
 
 def logit_lens(model: Any, tokens: Sequence[int], target: int | None = None, k: int = 5,
-               probes: Sequence[str] = ("l_out",)) -> Lens:
+               probes: Sequence[str] = ("l_out",), translators: Any = None) -> Lens:
     """The logit lens of `tokens` at every layer's `probes` (residual-stream probes: `l_out`,
     `ffn_inp`, Gemma's `sa_out`). The target at each position is `target`, or else the text's
-    next token (none at the last position)."""
+    next token (none at the last position). With `translators` (`tuned.Translators`, `l_out`
+    only) it is the tuned lens."""
     c = model.config
     ids = model.check_tokens(tokens)
     allowed = [n for n in ("ffn_inp", "sa_out", "l_out") if n in c.layer_probes]
@@ -131,6 +132,8 @@ def logit_lens(model: Any, tokens: Sequence[int], target: int | None = None, k: 
     if target is not None and not 0 <= target < c.vocab_size:
         raise InvalidInputError(f"target: token id {target} is outside the vocabulary 0..{c.vocab_size - 1}")
     order = [n for n in allowed if n in probes]  # in execution order within a layer
+    if translators is not None and order != ["l_out"]:
+        raise InvalidInputError("the tuned lens reads l_out only")
     _, caps = forward_capture_jit(model.params, jnp.asarray(ids)[None], c, probes=ProbeSpec(capture=tuple(order)))
     resid = jnp.stack([caps[n][:, 0] for n in order], axis=1).reshape(-1, len(ids), c.d_model)  # [L*P, T, D]
     extra = "l_out" not in order  # the final layer's l_out closes the read-outs: the model's own distribution
@@ -138,6 +141,8 @@ def logit_lens(model: Any, tokens: Sequence[int], target: int | None = None, k: 
         _, last = forward_capture_jit(model.params, jnp.asarray(ids)[None], c,
                                       probes=ProbeSpec(capture=("l_out",), capture_layers=(c.n_layer - 1,)))
         resid = jnp.concatenate([resid, last["l_out"][:, 0]])
+    if translators is not None:
+        resid = translators.apply(resid)
     targets = np.full(len(ids), -1 if target is None else target, np.int64)
     if target is None:
         targets[:-1] = ids[1:]

@@ -20,7 +20,24 @@ def add_parsers(sub: Any, model_arg: Callable, input_args: Callable) -> None:
     lens.add_argument("--k", type=int, default=5, help="top tokens per cell (5)")
     lens.add_argument("--ffn-inp", action="store_true",
                       help="also read the residual stream after attention (ffn_inp; Gemma: sa_out)")
+    lens.add_argument("--lens", default="logit", choices=("logit", "tuned"),
+                      help="logit lens, or the tuned lens (with --translators from `jaxllama lens train`)")
+    lens.add_argument("--translators", metavar="FILE", help="tuned-lens translators written by `jaxllama lens train`")
     _outputs(lens)
+
+    train = sub.add_parser("lens-train", help="`jaxllama lens train`: fit tuned-lens translators on a text")
+    model_arg(train)
+    train.add_argument("--file", required=True, help="UTF-8 text to train on (its last --held-out part is held out)")
+    train.add_argument("--out", required=True, metavar="FILE", help="where to write the translators (.npz)")
+    train.add_argument("--steps", type=int, default=200, help="Adam steps (200)")
+    train.add_argument("--batch", type=int, default=32, help="positions per step (32)")
+    train.add_argument("--ctx", type=int, default=128, help="tokens per row when capturing the text (128)")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
+    train.add_argument("--held-out", type=float, default=0.1, help="fraction of the text held out (0.1)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the batches (0)")
+    train.add_argument("--weights", "--dtype", dest="weights", default="auto",
+                       choices=("auto", "native", "float32", "bfloat16"), help="weight layout (auto: GGUF's blocks)")
+    train.add_argument("--json", action="store_true", help="print the held-out KL per layer as JSON")
 
     att = sub.add_parser("attention", help="attention patterns (kq_soft_max) of chosen layers and per-head scores: "
                                            "previous token, induction, sink, direct logit attribution")
@@ -85,13 +102,22 @@ def cmd_lens(args: argparse.Namespace, load_model: Callable, input_tokens: Calla
     tokens = input_tokens(args, model)
     target = one_token(model, args.target, "--target")
     probes = [n for n in ("ffn_inp", "sa_out") if n in model.config.layer_probes][:1] if args.ffn_inp else []
-    lens = logit_lens(model, tokens, target, args.k, probes=(*probes, "l_out"))
+    translators = None
+    if args.lens == "tuned":
+        from ..analysis.tuned import load_translators
+
+        if not args.translators or probes:
+            raise InvalidInputError("--lens tuned needs --translators FILE (and reads l_out only: no --ffn-inp)")
+        translators = load_translators(args.translators, model)
+    lens = logit_lens(model, tokens, target, args.k, probes=(*probes, "l_out"), translators=translators)
     piece = piece_of(model)
     if args.plot:
         plot_lens(lens, piece, args.plot)
     if args.json:
-        out = {**lens.to_json(), "reproduce": provenance(model, [int(t) for t in tokens], target=target, k=args.k,
-                                                          probes=lens.probes[: len(probes) + 1])}
+        out = {**lens.to_json(), "lens": args.lens,
+               "reproduce": provenance(model, [int(t) for t in tokens], target=target, k=args.k,
+                                       probes=lens.probes[: len(probes) + 1], lens=args.lens,
+                                       translators=args.translators)}
         print(json.dumps(out))
         return 0
     print(f"{'layer':>5} {'probe':<8} {'top (last position)':<24} {'p':>7} {'target p':>9} {'rank':>6} "
@@ -168,4 +194,40 @@ def cmd_patch(args: argparse.Namespace, load_model: Callable) -> int:
     print("layer " + " ".join(f"{(labels[c] if sweep.positions is not None else f'H{c}')[:6]:>6}" for c in cols))
     for layer, row in zip(sweep.layers, sweep.grid):
         print(f"{layer:>5} " + " ".join(f"{v:6.2f}" for v in row))
+    return 0
+
+
+def cmd_lens_train(args: argparse.Namespace, load_model: Callable) -> int:
+    from pathlib import Path
+
+    from ..analysis.tuned import held_out_kl, train_translators
+    from ..provenance import provenance
+
+    if not 0 < args.held_out < 1:
+        raise InvalidInputError(f"--held-out: must be between 0 and 1, not {args.held_out}")
+    if args.steps < 1 or args.batch < 1 or args.ctx < 2 or not args.lr > 0:
+        raise InvalidInputError("--steps and --batch must be at least 1, --ctx at least 2, --lr above 0")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"--out: directory {out.parent} does not exist")
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"--file: cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    model = load_model(args)
+    ids = model.tokenizer.encode(text)
+    cut = int(len(ids) * (1 - args.held_out))
+    if cut < 2 * args.ctx or len(ids) - cut < 2:
+        raise InvalidInputError(f"--file: {len(ids)} tokens are too few for --ctx {args.ctx} and a held-out part")
+    translators = train_translators(model, ids[:cut], args.steps, args.batch, args.ctx, args.lr, args.seed)
+    translators.save(out)
+    kl = held_out_kl(model, ids[cut:], translators, args.ctx)
+    if args.json:
+        print(json.dumps({"held_out_kl": kl, "out": str(out),
+                          "reproduce": provenance(model, None, file=args.file, steps=args.steps, batch=args.batch,
+                                                  ctx=args.ctx, lr=args.lr, held_out=args.held_out, seed=args.seed)}))
+        return 0
+    print(f"wrote {out}; held-out KL(final || lens) per layer, logit lens -> tuned lens:")
+    for i, (a, b) in enumerate(zip(kl["logit"], kl["tuned"])):
+        print(f"  layer {i:>3}: {a:8.4f} -> {b:8.4f}")
     return 0

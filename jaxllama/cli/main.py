@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cache import add_parser as add_cache_parser, cmd_cache
-from .circuits import add_parsers as add_circuit_parsers, cmd_attention, cmd_lens, cmd_patch
+from .circuits import add_parsers as add_circuit_parsers, cmd_attention, cmd_lens, cmd_lens_train, cmd_patch
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from .score import add_mesh_arg, add_score_parsers, cmd_kl_divergence, cmd_perplexity, mesh_of
 from ..errors import InvalidInputError, JaxLlamaError
@@ -386,6 +386,10 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return cmd_attention(args, _load_model, _input_tokens, parse_layers)
 
 
+def _cmd_lens_train(args: argparse.Namespace) -> int:
+    return cmd_lens_train(args, _load_model)
+
+
 def _cmd_patch(args: argparse.Namespace) -> int:
     return cmd_patch(args, _load_model)
 
@@ -393,10 +397,13 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits,
             "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench,
             "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence, "cache": cmd_cache,
-            "lens": _cmd_lens, "attention": _cmd_attention, "patch": _cmd_patch}
+            "lens": _cmd_lens, "lens-train": _cmd_lens_train, "attention": _cmd_attention, "patch": _cmd_patch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["lens", "train"]:  # `jaxllama lens train ...` is the command lens-train
+        argv = ["lens-train", *argv[2:]]
     args = _parser().parse_args(argv)
     use_compilation_cache()
     try:
