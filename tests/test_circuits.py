@@ -200,6 +200,8 @@ def test_each_patching_cell_equals_a_single_patched_run(tiny_factory, probe):
         with jaxllama.trace(interventions=[interventions.patch(probe, value, [layer])]):
             want = m(model.logits(corrupted)[-1])
         assert abs(sweep.grid[layer, i] * span + sweep.metric_corrupted - want) <= 4 * tol, (layer, i)
+    full = patch_sweep(model, clean, corrupted, answer, wrong, probe=probe, batch=5, resume=False)
+    assert np.abs((full.grid - sweep.grid) * span).max() <= 4 * tol  # resuming at the layer changes nothing
     if probe == "l_out":  # the last layer's residual stream at the last position is the whole answer
         assert abs(sweep.grid[-1, -1] - 1) <= 8 * tol / abs(span)
         assert np.abs(sweep.grid[-1, :-1]).max() <= 8 * tol / abs(span)  # other positions: nothing

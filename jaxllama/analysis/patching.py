@@ -104,8 +104,10 @@ def check_pair(model: Any, clean: Sequence[int], corrupted: Sequence[int]) -> tu
 
 
 def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answer: int, wrong: int | None = None,
-                probe: str = "l_out", metric: str = "logit_diff", batch: int = 16) -> Sweep:
-    """The patching grid of `probe` over every layer and position (every head for `kqv_out`)."""
+                probe: str = "l_out", metric: str = "logit_diff", batch: int = 16, resume: bool = True) -> Sweep:
+    """The patching grid of `probe` over every layer and position (every head for `kqv_out`).
+    `resume=False` runs every cell's forward from the embedding (the same numbers within float32
+    reordering; for measuring what resuming saves)."""
     c = model.config
     a, b = check_pair(model, clean, corrupted)
     if probe not in PROBES or probe not in c.layer_probes:
@@ -135,7 +137,8 @@ def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answ
         for s in range(0, width, batch):
             idx = list(range(s, min(s + batch, width)))
             idx = idx + [idx[-1]] * (batch - len(idx))  # one shape: one compiled program
-            got = run(jnp.asarray(b), corrupted_in[layer], jnp.int32(layer), cell_layer=jnp.full(batch, layer, jnp.int32),
+            first = layer if resume else 0
+            got = run(jnp.asarray(b), corrupted_in[first], jnp.int32(first), cell_layer=jnp.full(batch, layer, jnp.int32),
                       cell_index=jnp.asarray(idx, jnp.int32))
             raw[layer, s: s + batch] = np.asarray(got)[: min(batch, width - s)]
     span = m_clean - m_corr
