@@ -4,8 +4,15 @@ llama.cpp in this process carry the `llamacpp` mark (see `reference_gate`)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+# Compiled programs go to this session's own persistent cache (inherited by the CLI processes the
+# tests start): a program that another process (a second test run, a user's CLI) is writing at the
+# same moment is never read half-written; XLA aborts the process on one (seen once, 2026-12-07).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxllama-xla-"))
 
 import pytest
 
