@@ -13,6 +13,13 @@ from pathlib import Path
 # tests start): a program that another process (a second test run, a user's CLI) is writing at the
 # same moment is never read half-written; XLA aborts the process on one (seen once, 2026-12-07).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxllama-xla-"))
+# This process itself (which compiles hundreds of programs) keeps none: twice, once writing and once
+# reading, XLA's executable (de)serialisation crashed the whole run in a late scoring test when the
+# in-process CLI calls had turned the persistent cache on. Not reproduced in a short process; the
+# CLI processes the tests start still use the cache above.
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)
 
 import pytest
 
