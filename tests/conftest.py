@@ -164,3 +164,19 @@ def gemma3_f32(gemma3_gguf) -> Path:
     if not path.exists():
         export_f32(gemma3_gguf, path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program and traced function after each test module: one process runs
+    the whole suite, and three full runs this stop aborted inside XLA (compiling, or reading or
+    writing a cached executable) in the same late scoring test once the process had grown to
+    over 7 GB; a short process running those tests passes."""
+    yield
+    import gc
+
+    from jaxllama.scoring import kernels as scoring_kernels
+
+    jax.clear_caches()
+    scoring_kernels._COMPILED.clear()  # scoring's own ahead-of-time executables
+    gc.collect()
