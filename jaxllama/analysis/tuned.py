@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ..errors import InvalidInputError
 from ..gguf.blocks import Blocks
@@ -115,16 +116,12 @@ def _step(params: dict, opt_state: Any, batch: jax.Array, w: jax.Array, scale: j
 
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    import optax
-
     return optax.apply_updates(params, updates), opt_state, value
 
 
 def train_translators(model: Any, tokens: Sequence[int], steps: int = 300, batch: int = 32, ctx: int = 128,
                       lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Translators:
     """Fit tuned-lens translators on `tokens` (`steps` Adam steps of `batch` random positions)."""
-    import optax
-
     c = model.config
     if steps < 1 or batch < 1 or ctx < 2:
         raise InvalidInputError("steps and batch must be at least 1, ctx at least 2")

@@ -8,6 +8,7 @@ import json
 from typing import Any, Callable
 
 from ..errors import InvalidInputError
+from ..gguf.convert import WEIGHTS
 
 
 def add_parsers(sub: Any, model_arg: Callable, input_args: Callable) -> None:
@@ -36,7 +37,7 @@ def add_parsers(sub: Any, model_arg: Callable, input_args: Callable) -> None:
     train.add_argument("--held-out", type=float, default=0.1, help="fraction of the text held out (0.1)")
     train.add_argument("--seed", type=int, default=0, help="seed of the batches (0)")
     train.add_argument("--weights", "--dtype", dest="weights", default="auto",
-                       choices=("auto", "native", "float32", "bfloat16"), help="weight layout (auto: GGUF's blocks)")
+                       choices=WEIGHTS, help="weight layout (auto: GGUF's blocks)")
     train.add_argument("--json", action="store_true", help="print the held-out KL per layer as JSON")
 
     att = sub.add_parser("attention", help="attention patterns (kq_soft_max) of chosen layers and per-head scores: "
@@ -62,7 +63,7 @@ def add_parsers(sub: Any, model_arg: Callable, input_args: Callable) -> None:
     pt.add_argument("--probe", default="l_out", help="l_out, attn_out, ffn_out, ffn_inp or kqv_out (per head)")
     pt.add_argument("--batch", type=int, default=16, help="cells per forward (16)")
     pt.add_argument("--weights", "--dtype", dest="weights", default="auto",
-                    choices=("auto", "native", "float32", "bfloat16"), help="weight layout (auto: GGUF's blocks)")
+                    choices=WEIGHTS, help="weight layout (auto: GGUF's blocks)")
     _outputs(pt)
 
 
