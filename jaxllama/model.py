@@ -475,11 +475,17 @@ def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> ja
 def head(p: Params, x: jax.Array, c: LlamaConfig, aq: Mapping[str, str | None], tap: Tap = no_tap) -> jax.Array:
     """Final RMSNorm and output projection (the embedding, transposed, when tied): logits."""
     x = tap("result_norm", rms_norm(x, p["output_norm"]["scale"], c.rms_eps))
-    leaf = dict(p.get("output", {}))
-    if c.tied_output:
-        table = p["token_embd"]["embedding"]  # blocks [V, D] are already the output's [N, K]
-        leaf["kernel"] = table if isinstance(table, Blocks) else table.T
+    leaf = {**p.get("output", {}), "kernel": output_kernel(p, c)}
     return tap("result_output", project(x, leaf, aq.get("output")))
+
+
+def output_kernel(p: Params, c: LlamaConfig) -> jax.Array | Blocks:
+    """The output projection's kernel: blocks `[V, D]` or a float `[D, V]` (the embedding,
+    transposed, when tied: quantized embedding rows are already the output's rows)."""
+    if not c.tied_output:
+        return p["output"]["kernel"]
+    table = p["token_embd"]["embedding"]
+    return table if isinstance(table, Blocks) else table.T
 
 
 def project(x: jax.Array, leaf: Params, act_kind: str | None) -> jax.Array:

@@ -31,7 +31,7 @@ from jax import lax
 from ..errors import InvalidInputError
 from ..gguf.blocks import Blocks
 from ..gguf.config import LlamaConfig
-from ..model import NO_WINDOW, forward_capture
+from ..model import NO_WINDOW, forward_capture, output_kernel
 from ..tracing.probes import ProbeSpec, check_layers
 
 
@@ -71,10 +71,10 @@ def matrix_in_out(w: Blocks | jax.Array) -> jax.Array:
 
 def unembedding(p: dict, c: LlamaConfig, token: jax.Array) -> jax.Array:
     """The output matrix's row for `token`: `[D]` float32 (the embedding's, when tied)."""
-    w = p["token_embd"]["embedding"] if c.tied_output else p["output"]["kernel"]
-    if isinstance(w, Blocks):  # [V, D] rows either way
+    w = output_kernel(p, c)
+    if isinstance(w, Blocks):  # [V, D]: dequantize that row alone
         return w.take(token[None]).values()[0]
-    return (w[token] if c.tied_output else w[:, token]).astype(jnp.float32)
+    return w[:, token].astype(jnp.float32)
 
 
 def _rms(x: jax.Array, eps: float) -> jax.Array:

@@ -10,8 +10,10 @@ each row of the batch patching its own cell through one intervention that reads 
 (layer, position or head) from a table, so one compiled program serves every batch. Each
 forward resumes from the corrupted run's residual stream entering the patched layer
 (`run_model(resume=...)`): the layers before it, the same in every row, are not recomputed,
-which halves the work of a sweep. Each cell equals one run of `interventions.patch` with the
-clean value put at that cell (tests/test_circuits.py).
+which halves the work of a sweep. A cell whose clean value equals the corrupted run's bit for bit
+(every position before the first differing token, by causality) changes nothing: its metric is the
+corrupted run's, exactly, and it is not run. Each cell equals one run of `interventions.patch` with
+the clean value put at that cell (tests/test_circuits.py).
 """
 
 from __future__ import annotations
@@ -104,10 +106,12 @@ def check_pair(model: Any, clean: Sequence[int], corrupted: Sequence[int]) -> tu
 
 
 def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answer: int, wrong: int | None = None,
-                probe: str = "l_out", metric: str = "logit_diff", batch: int = 16, resume: bool = True) -> Sweep:
+                probe: str = "l_out", metric: str = "logit_diff", batch: int = 16, resume: bool = True,
+                skip_unchanged: bool = True) -> Sweep:
     """The patching grid of `probe` over every layer and position (every head for `kqv_out`).
-    `resume=False` runs every cell's forward from the embedding (the same numbers within float32
-    reordering; for measuring what resuming saves)."""
+    For measuring what each saving brings (the same numbers within float32 reordering):
+    `resume=False` runs every cell's forward from the embedding, `skip_unchanged=False` runs
+    also the cells whose clean value is the corrupted one."""
     c = model.config
     a, b = check_pair(model, clean, corrupted)
     if probe not in PROBES or probe not in c.layer_probes:
@@ -123,28 +127,41 @@ def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answ
         raise InvalidInputError(f"batch: must be at least 1, not {batch}")
     per_head = probe == "kqv_out"
     width = c.n_head if per_head else len(b)
-    batch = min(batch, width)  # a forward holds cells of one layer only
     start = time.perf_counter()
     values, clean_in = run_values(model.params, jnp.asarray(a), c, probe)
-    _, corrupted_in = run_values(model.params, jnp.asarray(b), c, probe)
+    corrupted_values, corrupted_in = run_values(model.params, jnp.asarray(b), c, probe)
+    live = _changed_cells(np.asarray(values), np.asarray(corrupted_values), c.n_head if per_head else None)
+    live |= not skip_unchanged
+    batch = max(1, min(batch, int(live.sum(axis=1).max())))  # no wider than the busiest layer's live cells
     run = partial(patched_metric, model.params, config=c, probe=probe, per_head=per_head, metric=metric,
                   answer=jnp.int32(answer), wrong=jnp.int32(wrong if wrong is not None else 0), clean=values)
     none = {"cell_layer": jnp.full(batch, -1, jnp.int32), "cell_index": jnp.zeros(batch, jnp.int32)}
     m_clean = float(run(jnp.asarray(a), clean_in[0], jnp.int32(0), **none)[0])
     m_corr = float(run(jnp.asarray(b), corrupted_in[0], jnp.int32(0), **none)[0])
-    raw = np.zeros((c.n_layer, width))
-    for layer in range(c.n_layer):  # one layer's cells per forward, resumed at that layer
-        for s in range(0, width, batch):
-            idx = list(range(s, min(s + batch, width)))
-            idx = idx + [idx[-1]] * (batch - len(idx))  # one shape: one compiled program
+    raw = np.full((c.n_layer, width), m_corr)
+    for layer in range(c.n_layer):  # one layer's live cells per forward, resumed at that layer
+        cells = np.flatnonzero(live[layer])
+        for s in range(0, len(cells), batch):
+            idx = cells[s: s + batch]
+            padded = np.concatenate([idx, np.repeat(idx[-1:], batch - len(idx))])  # one shape: one program
             first = layer if resume else 0
             got = run(jnp.asarray(b), corrupted_in[first], jnp.int32(first), cell_layer=jnp.full(batch, layer, jnp.int32),
-                      cell_index=jnp.asarray(idx, jnp.int32))
-            raw[layer, s: s + batch] = np.asarray(got)[: min(batch, width - s)]
+                      cell_index=jnp.asarray(padded, jnp.int32))
+            raw[layer, idx] = np.asarray(got)[: len(idx)]
     span = m_clean - m_corr
     grid = (raw - m_corr) / span if span != 0 else np.full_like(raw, np.nan)
     return Sweep(probe, metric, list(range(c.n_layer)), None if per_head else list(range(width)),
                  list(range(width)) if per_head else None, m_clean, m_corr, grid, time.perf_counter() - start)
+
+
+def _changed_cells(clean: np.ndarray, corrupted: np.ndarray, heads: int | None) -> np.ndarray:
+    """`[L, cells]` True where patching the clean value changes the corrupted run: the values
+    `[L, T, X]` differ anywhere in that position (or, `heads`, in that head's slice at any position)."""
+    differ = clean != corrupted
+    if heads is None:
+        return differ.any(axis=-1)
+    l, t, x = differ.shape
+    return differ.reshape(l, t, heads, x // heads).any(axis=(1, 3))
 
 
 def plot_sweep(sweep: Sweep, labels: Sequence[str], path: str) -> None:

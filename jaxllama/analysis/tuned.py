@@ -23,9 +23,9 @@ import numpy as np
 import optax
 
 from ..errors import InvalidInputError
-from ..gguf.blocks import Blocks
-from ..model import forward_capture_jit
+from ..model import forward_capture_jit, output_kernel, rms_norm
 from ..tracing.probes import ProbeSpec
+from .attention import matrix_in_out
 
 FORMAT = "jaxllama-tuned-lens-1"
 
@@ -86,20 +86,10 @@ def streams(model: Any, tokens: Sequence[int], ctx: int) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def _unembed(model: Any) -> tuple[jax.Array, jax.Array]:
-    """The output matrix as float32 `[D, V]` and the final norm's scale."""
-    p, c = model.params["params"], model.config
-    w = p["token_embd"]["embedding"] if c.tied_output else p["output"]["kernel"]
-    if isinstance(w, Blocks):
-        w = w.values().T  # [V, D] rows -> [D, V]
-    elif c.tied_output:
-        w = w.T
-    return jnp.asarray(w, jnp.float32), p["output_norm"]["scale"]
-
-
 def _log_probs(h: jax.Array, w: jax.Array, scale: jax.Array, eps: float, bias: jax.Array | None) -> jax.Array:
-    n = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps) * scale
-    logits = n @ w
+    """Log-probabilities of residual streams `h [..., D]` through the final norm (its plain
+    float32 form: a training loss needs no llama.cpp rounding) and the float output `w [D, V]`."""
+    logits = rms_norm(h, scale, eps, ggml=False) @ w
     return jax.nn.log_softmax(logits if bias is None else logits + bias, axis=-1)
 
 
@@ -119,7 +109,7 @@ def _step(params: dict, opt_state: Any, batch: jax.Array, w: jax.Array, scale: j
     return optax.apply_updates(params, updates), opt_state, value
 
 
-def train_translators(model: Any, tokens: Sequence[int], steps: int = 300, batch: int = 32, ctx: int = 128,
+def train_translators(model: Any, tokens: Sequence[int], steps: int = 200, batch: int = 32, ctx: int = 128,
                       lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Translators:
     """Fit tuned-lens translators on `tokens` (`steps` Adam steps of `batch` random positions)."""
     c = model.config
@@ -128,7 +118,8 @@ def train_translators(model: Any, tokens: Sequence[int], steps: int = 300, batch
     if c.n_layer < 2:
         raise InvalidInputError("a tuned lens needs at least two layers")
     data = jnp.asarray(streams(model, tokens, min(ctx, c.context_length)))  # [L, N, D]
-    w, scale = _unembed(model)
+    p = model.params["params"]
+    w, scale = matrix_in_out(output_kernel(p, c)), p["output_norm"]["scale"]
     bias = model.params["params"].get("output", {}).get("bias")
     optimizer = optax.adam(lr)
     params = {"a": jnp.zeros((c.n_layer - 1, c.d_model, c.d_model)), "b": jnp.zeros((c.n_layer - 1, c.d_model))}
