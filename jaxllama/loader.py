@@ -8,18 +8,20 @@ are one-line doors to them, so notebook users find everything on the object they
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import runner
-from .errors import GGUFFormatError
+from .errors import GGUFFormatError, InvalidInputError
 from .gguf import converted
 from .gguf.checks import nonfinite_tensors
 from .gguf.config import LlamaConfig
@@ -44,6 +46,8 @@ class Model:
     act_quant: tuple[tuple[str, str | None], ...] | None = field(default=None, repr=False)
     #: the `("data", "model")` mesh the parameters are placed on (None: one device)
     mesh: Any = field(default=None, repr=False)
+    #: the control vector added to the layers' outputs, described for `reproduce` (None: none)
+    control: dict | None = field(default=None, repr=False)
 
     @cached_property
     def sha256(self) -> str:
@@ -91,8 +95,35 @@ class Model:
 
         return with_act_quant(self, enabled)
 
+    def with_control_vector(self, cv: Any, layer_range: tuple[int, int] | None = None) -> "Model":
+        """This model with a llama.cpp control vector (`gguf.control_vector.ControlVector`, strengths
+        already applied; None removes it) added to each layer's output in `layer_range` (inclusive;
+        default every layer but 0), as llama.cpp's `--control-vector-layer-range` does. Every entry
+        point (logits, scoring, generation, traces) then runs with it: it is a parameter leaf,
+        `params/layers/control` `[n_layer, D]`."""
+        from .gguf.control_vector import for_model
+
+        layers = {k: v for k, v in self.params["params"]["layers"].items() if k != "control"}
+        control = None
+        if cv is not None:
+            c = self.config
+            added = for_model(cv, c.n_layer, c.d_model, c.arch, layer_range)
+            layers["control"] = jnp.asarray(added)
+            control = {"sources": list(cv.sources), "layer_range": None if layer_range is None else list(layer_range),
+                       "sha256": hashlib.sha256(added.tobytes()).hexdigest()}
+        params = {**self.params, "params": {**self.params["params"], "layers": layers}}
+        if self.mesh is not None:  # the new leaf joins the others on the mesh (replicated)
+            from .parallel.rules import param_shardings
+
+            params = jax.device_put(params, param_shardings(params, self.mesh))
+        return replace(self, params=params, control=control)
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write config, metadata and parameters to one msgpack file for a fast reload."""
+        """Write config, metadata and parameters to one msgpack file for a fast reload (a control
+        vector is not part of the model: save without it, apply it after loading)."""
+        if self.control is not None:
+            raise InvalidInputError("save the model without its control vector (with_control_vector(None)), "
+                                    "and apply the vector after loading")
         return save_params(path, self.config, self.params, self.metadata, self.source, self.sha256,
                            self.tensor_types)
 

@@ -95,7 +95,24 @@ def native_dense(x: jax.Array, w: Blocks) -> jax.Array:
     return out.reshape(*lead, -1)
 
 
-def gemv_rows(rows: jax.Array, w: Blocks) -> jax.Array:
+def _transpose_product(g: jax.Array, w: Blocks) -> jax.Array:
+    """`g [M, N] @ W` for blocks W `[N, K]`: the transpose of every product above, computed as
+    `dequant_dense`'s (W widened one layer, or one slice of rows, at a time, from its blocks)."""
+    _, back = jax.vjp(lambda r: _dequant_dense(r, w), jnp.zeros((g.shape[0], w.width), jnp.float32))
+    return back(g)[0]
+
+
+def _linear_in_rows(product: Callable[[jax.Array, Blocks], jax.Array]) -> Callable[[jax.Array, Blocks], jax.Array]:
+    """`product(rows, w)`, linear in `rows`, differentiable in `rows` whatever it runs (the C++
+    kernels have no derivative rules): its only residual is the blocks themselves, and the
+    cotangent is `_transpose_product`, so a gradient through a forward keeps no float32 copy of
+    any matrix between the forward and the backward pass. The blocks get no gradient."""
+    f = jax.custom_vjp(product)
+    f.defvjp(lambda rows, w: (product(rows, w), w), lambda w, g: (_transpose_product(g, w), None))
+    return f
+
+
+def _gemv_rows(rows: jax.Array, w: Blocks) -> jax.Array:
     """`rows [M, K] @ W.T` through `kernels.gemv`, `kernels.MAX_ROWS` rows per call (each row's
     sum is the same whichever call it is in); pure JAX where the kernel is not available."""
     per = kernels.MAX_ROWS
@@ -113,7 +130,7 @@ def gemv_rows(rows: jax.Array, w: Blocks) -> jax.Array:
 DEQUANT_BYTES = 128 << 20
 
 
-def dequant_dense(rows: jax.Array, w: Blocks) -> jax.Array:
+def _dequant_dense(rows: jax.Array, w: Blocks) -> jax.Array:
     """`rows [M, K] @ W.T` for (layer `w.layer` of) blocks W `[N, K]`: W in float32 through
     `kernels.dequant` (exactly `native_values`), then XLA's product.
 
@@ -139,6 +156,10 @@ def dequant_dense(rows: jax.Array, w: Blocks) -> jax.Array:
     out = lax.map(one, starts)  # [count, M, per]
     head = jnp.moveaxis(out[:-1], 0, 1).reshape(rows.shape[0], (count - 1) * per)
     return jnp.concatenate([head, out[-1][:, per - (n - (count - 1) * per):]], axis=-1)
+
+
+gemv_rows = _linear_in_rows(_gemv_rows)
+dequant_dense = _linear_in_rows(_dequant_dense)
 
 
 def xla_native_dense(rows: jax.Array, w: Blocks) -> jax.Array:
@@ -320,7 +341,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, vis: Visibility, c: Llam
         b = q.shape[0]
         out = kernels.attend(q.reshape(b, c.n_head_kv, c.n_group, c.head_dim), k, v, layer, vis.q_slot[:, 0],
                              vis.key_ok, vis.window, c.query_scale,
-                             fallback=lambda: attention(q, k, v, vis, c, block, layer).reshape(
+                             fallback=lambda gq, k, v: attention(gq.reshape(q.shape), k, v, vis, c, block, layer).reshape(
                                  b, c.n_head_kv, c.n_group, c.head_dim))
         return out.reshape(b, 1, c.n_head * c.head_dim)
     if layer is None:
@@ -456,7 +477,10 @@ def block(
     f = tap("ffn_out", mm("ffn_down", g))
     if c.post_norms:
         f = tap("ffn_post_norm", rms_norm(f, p["post_ffw_norm"]["scale"], c.rms_eps))
-    return tap("l_out", x + f), cache
+    x = x + f
+    if "control" in p:  # a control vector (`Model.with_control_vector`), added where llama.cpp adds it
+        x = x + p["control"]
+    return tap("l_out", x), cache
 
 
 def embed(p: Params, tokens: jax.Array, c: LlamaConfig, tap: Tap = no_tap) -> jax.Array:

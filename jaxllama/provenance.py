@@ -20,7 +20,8 @@ def provenance(model: Any, tokens: list[int] | None = None, **settings: Any) -> 
     """Model file and hash, config, dtype, tokens, settings, library versions and backend."""
     return {
         "model": {"path": str(model.source), "sha256": model.sha256, "dtype": model.dtype,
-                  "act_quant": getattr(model, "act_quant", None) is not None},
+                  "act_quant": getattr(model, "act_quant", None) is not None,
+                  "control_vector": getattr(model, "control", None)},
         "config": model.config.to_dict(),
         "tokens": tokens,
         "settings": settings,

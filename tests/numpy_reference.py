@@ -26,10 +26,11 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def reference_logits(path, tokens: list[int], keep: dict | None = None) -> np.ndarray:
+def reference_logits(path, tokens: list[int], keep: dict | None = None, add: dict | None = None) -> np.ndarray:
     """Float64 logits of `tokens`; with `keep`, also fills it with per-layer lists of `l_out`
     `[T, D]`, `ffn_inp`, `attn_weights` `[H, T, T]`, `kqv_out` `[T, H*d]`, and `head(x)`, the final
-    norm and output projection as a function (the lens's reference)."""
+    norm and output projection as a function (the lens's reference). `add` maps a layer to an
+    array added to its output (`l_out`, where llama.cpp adds a control vector)."""
     keep = {} if keep is None else keep
     r = gguf.GGUFReader(path)
     a = _field(r, "general.architecture")
@@ -101,6 +102,7 @@ def reference_logits(path, tokens: list[int], keep: dict | None = None) -> np.nd
         act = _gelu_tanh(gate) if a == "gemma3" else gate * 0.5 * (1 + np.tanh(gate / 2))  # silu, overflow-free
         out = (act * (h @ g("ffn_up").T)) @ g("ffn_down").T
         x = x + (norm(out, g("post_ffw_norm")) if a == "gemma3" else out)
+        x = x + (add or {}).get(layer, 0.0)
         keep.setdefault("l_out", []).append(x)
     keep["attn_weights"] = [np.stack(w) for w in keep.get("attn_weights", [])]
     keep["head"] = lambda y: norm(y, W["output_norm.weight"]) @ W.get("output.weight", emb).T + W.get("output.bias", 0)

@@ -62,6 +62,11 @@ def add_parsers(sub: Any, model_arg: Callable, input_args: Callable) -> None:
                     help="logit(answer) - logit(wrong), or the answer's probability, at the last position")
     pt.add_argument("--probe", default="l_out", help="l_out, attn_out, ffn_out, ffn_inp or kqv_out (per head)")
     pt.add_argument("--batch", type=int, default=16, help="cells per forward (16)")
+    pt.add_argument("--attribution", action="store_true",
+                    help="attribution patching: each cell estimated to first order, grad . (clean - corrupted), "
+                         "from one forward and one backward (with --compare, next to the real sweep)")
+    pt.add_argument("--compare", action="store_true",
+                    help="with --attribution: also run the real sweep and report their rank correlation")
     pt.add_argument("--weights", "--dtype", dest="weights", default="auto",
                     choices=WEIGHTS, help="weight layout (auto: GGUF's blocks)")
     _outputs(pt)
@@ -177,20 +182,33 @@ def cmd_patch(args: argparse.Namespace, load_model: Callable) -> int:
     clean, corrupted = tok.encode(args.clean), tok.encode(args.corrupted)
     answer = one_token(model, args.answer, "--answer")
     wrong = one_token(model, args.wrong, "--wrong")
-    sweep = patch_sweep(model, clean, corrupted, answer, wrong, args.probe, args.metric, args.batch)
+    if args.compare and not args.attribution:
+        raise InvalidInputError("--compare goes with --attribution")
+    extra: dict[str, Any] = {"method": "attribution" if args.attribution else "patching"}
+    if args.attribution:
+        from ..analysis.gradients import attribution_sweep, rank_correlation
+
+        sweep = attribution_sweep(model, clean, corrupted, answer, wrong, args.probe, args.metric)
+        if args.compare:
+            real = patch_sweep(model, clean, corrupted, answer, wrong, args.probe, args.metric, args.batch)
+            extra |= {"patching_grid": real.to_json()["grid"], "rank_correlation": rank_correlation(sweep.grid, real.grid)}
+    else:
+        sweep = patch_sweep(model, clean, corrupted, answer, wrong, args.probe, args.metric, args.batch)
     piece = piece_of(model)
     labels = [piece(t) for t in corrupted]
     if args.plot:
         plot_sweep(sweep, labels, args.plot)
     if args.json:
-        out = {**sweep.to_json(), "clean_tokens": clean, "corrupted_tokens": corrupted, "answer_id": answer,
+        out = {**sweep.to_json(), **extra, "clean_tokens": clean, "corrupted_tokens": corrupted, "answer_id": answer,
                "wrong_id": wrong, "seconds": round(sweep.seconds, 3),
                "reproduce": provenance(model, clean, corrupted=corrupted, answer=answer, wrong=wrong, probe=args.probe,
-                                       metric=args.metric, batch=args.batch)}
+                                       metric=args.metric, batch=args.batch, attribution=args.attribution)}
         print(json.dumps(out))
         return 0
-    print(f"metric {args.metric}: clean {sweep.metric_clean:.4f}, corrupted {sweep.metric_corrupted:.4f}; "
-          f"{sweep.grid.size} cells in {sweep.seconds:.2f} s")
+    print(f"{extra['method']}, metric {args.metric}: clean {sweep.metric_clean:.4f}, corrupted "
+          f"{sweep.metric_corrupted:.4f}; {sweep.grid.size} cells in {sweep.seconds:.2f} s")
+    if "rank_correlation" in extra:
+        print(f"rank correlation with the real patching sweep: {extra['rank_correlation']:.3f}")
     cols = sweep.positions if sweep.positions is not None else sweep.heads
     print("layer " + " ".join(f"{(labels[c] if sweep.positions is not None else f'H{c}')[:6]:>6}" for c in cols))
     for layer, row in zip(sweep.layers, sweep.grid):

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from .cache import add_parser as add_cache_parser, cmd_cache
 from .circuits import add_parsers as add_circuit_parsers, cmd_attention, cmd_lens, cmd_lens_train, cmd_patch
+from .steer import add_control_vector_args, add_parser as add_steer_parser, cmd_steer, with_control_vectors
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from .score import add_mesh_arg, add_score_parsers, cmd_kl_divergence, cmd_perplexity, mesh_of
 from ..errors import InvalidInputError, JaxLlamaError
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="weight layout: auto/native keeps GGUF's blocks (exact, fastest), float32, bfloat16 (lossy)")
     add_mesh_arg(lg)
     _act_quant_arg(lg)
+    add_control_vector_args(lg)
     tr = sub.add_parser("trace", help="statistics of every probe at every layer (rms, min, max, mean, NaN/Inf)")
     _model_arg(tr)
     _input_args(tr)
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--plot", metavar="FILE.png", help="save a plot of rms across layers")
     add_mesh_arg(tr)
     _act_quant_arg(tr)
+    add_control_vector_args(tr)
 
     cp = sub.add_parser("compare", help="compare every probe with llama.cpp's tensors; report the first divergence")
     _model_arg(cp)
@@ -89,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print tokens, text, speeds and settings as JSON")
     add_mesh_arg(gen)
     _act_quant_arg(gen)
+    add_control_vector_args(gen)
 
     chat = sub.add_parser("chat", help="an interactive conversation using the file's chat template")
     _model_arg(chat)
@@ -100,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     add_score_parsers(sub, _model_arg)
     add_cache_parser(sub)
     add_circuit_parsers(sub, _model_arg, _input_args)
+    add_steer_parser(sub, _model_arg)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
     from ..bench import add_arguments
 
@@ -358,7 +363,8 @@ def _load_model(args: argparse.Namespace) -> Any:
 
     model = load(_model_path(args.model), weights=args.weights, mesh=mesh_of(args),
                  allow_nonfinite=getattr(args, "allow_nonfinite", False))
-    return model.with_act_quant() if getattr(args, "act_quant", False) else model
+    model = model.with_act_quant() if getattr(args, "act_quant", False) else model
+    return with_control_vectors(model, args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -397,7 +403,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "logits": _cmd_logits,
             "trace": _cmd_trace, "compare": _cmd_compare, "tokenize": _cmd_tokenize, "bench": _cmd_bench,
             "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence, "cache": cmd_cache,
-            "lens": _cmd_lens, "lens-train": _cmd_lens_train, "attention": _cmd_attention, "patch": _cmd_patch}
+            "lens": _cmd_lens, "lens-train": _cmd_lens_train, "attention": _cmd_attention, "patch": _cmd_patch,
+            "steer": lambda args: cmd_steer(args, _load_model)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

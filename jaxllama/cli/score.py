@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from ..errors import InvalidInputError
+from .steer import add_control_vector_args, with_control_vectors
 
 DTYPES = ["float32", "native", "bfloat16"]
 SCORING_HELP = ("weight layout: native (default: GGUF blocks kept, memory that follows the file's size; the same "
@@ -78,6 +79,7 @@ def add_score_parsers(sub: Any, model_arg: Callable[[argparse.ArgumentParser], N
     pp.add_argument("--llamacpp", action="store_true",
                     help="compute it with llama.cpp instead (F32 KV cache, flash attention off), for comparison")
     pp.add_argument("--threads", type=int, default=None, help="llama.cpp threads with --llamacpp (all cores)")
+    add_control_vector_args(pp)
 
     kl = sub.add_parser("kl-divergence", help="KL divergence of a model's predictions from a base run's, "
                                               "with llama-perplexity --kl-divergence's statistics")
@@ -186,6 +188,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     bar = _Bar(args.quiet, "perplexity", "ppl")
     try:
         if args.llamacpp:
+            if args.control_vector:
+                raise InvalidInputError("--control-vector applies to jaxllama's run; leave out --llamacpp")
             from ..gguf.config import LlamaConfig
             from ..gguf.default_model import sha256_file
             from ..gguf.reader import read_gguf
@@ -195,7 +199,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             who = SimpleNamespace(source=path, sha256=sha256_file(path), dtype="llama.cpp",
                                   config=LlamaConfig.from_gguf(read_gguf(path)))
         else:
-            who = _load(path, args.dtype, args.act_quant, mesh_of(args), args.allow_nonfinite)
+            who = with_control_vectors(_load(path, args.dtype, args.act_quant, mesh_of(args), args.allow_nonfinite),
+                                       args)
             r = perplexity(who, text, args.ctx, args.chunks, args.batch, progress=bar)
     finally:
         bar.close()

@@ -130,7 +130,8 @@ _COMPILED: dict[Any, Any] = {}
 
 def _compiled(name: str, fn, static: Static, *args):
     """Ahead-of-time compile `fn` for these shapes (cached), donating the decode state."""
-    key = (name, static, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)), shardings_of(args))
+    leaves, tree = jax.tree.flatten(args)  # the structure too: a control vector is one more leaf
+    key = (name, static, tree, tuple((a.shape, a.dtype) for a in leaves), shardings_of(args))
     if key not in _COMPILED:
         donate = (len(args) - 1,)  # the state
         jitted = jax.jit(partial(fn, st=static), donate_argnums=donate)

@@ -246,17 +246,27 @@ def dequant(w: Blocks, fallback: Callable) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slot: jax.Array,
-           key_ok: jax.Array, window: jax.Array | int, scale: float, fallback: Callable[[], jax.Array]) -> jax.Array:
+           key_ok: jax.Array, window: jax.Array | int, scale: float,
+           fallback: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """Attention of one query per row, q `[B, Kh, G, d]`, against layer `layer` of the caches k, v
     `[L, B, S, Kh, d]`: keys s with `q_slot[b] - window < s <= q_slot[b]` and `key_ok[b, s]`, a
-    float32 softmax over them. `[B, Kh, G, d]`; `fallback()` (the pure-JAX attention) where the
-    kernel cannot run. Reads only the visible slots, so its cost follows the filled length."""
+    float32 softmax over them. `[B, Kh, G, d]`; `fallback(q, k, v)` (the pure-JAX attention) where
+    the kernel cannot run, and for its derivative. Reads only the visible slots, so its cost
+    follows the filled length."""
     if not (available() and q.shape[-1] % 16 == 0):
-        return fallback()
+        return fallback(q, k, v)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    args = (q.astype(jnp.float32), k, v, jnp.asarray(layer, jnp.int32).reshape(1), q_slot.astype(jnp.int32),
-            key_ok.astype(bool), jnp.asarray(window, jnp.int32).reshape(1))
-    return _on_cpu(ATTEND_TARGET, out, args, fallback, scale=np.float32(scale))
+    rest = (jnp.asarray(layer, jnp.int32).reshape(1), q_slot.astype(jnp.int32), key_ok.astype(bool),
+            jnp.asarray(window, jnp.int32).reshape(1))
+
+    def kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return _on_cpu(ATTEND_TARGET, out, (q.astype(jnp.float32), k, v, *rest), lambda: fallback(q, k, v),
+                       scale=np.float32(scale))
+
+    # differentiable as the pure-JAX attention is (the kernel has no derivative rule)
+    f = jax.custom_vjp(kernel)
+    f.defvjp(lambda q, k, v: (kernel(q, k, v), (q, k, v)), lambda res, g: jax.vjp(fallback, *res)[1](g))
+    return f(q, k, v)
 
 
 def main() -> int:

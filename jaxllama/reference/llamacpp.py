@@ -63,6 +63,15 @@ class LlamaCpp:
         self._batch = lib.llama_batch_init(n_ctx, 0, n_seq)
         self.n_tokens = 0  # tokens in sequence 0's cache (the single-sequence helpers)
 
+    def set_control_vector(self, n_embd: int, data: np.ndarray | None, start: int, end: int) -> None:
+        """`llama_set_adapter_cvec`: `data` (layer 1's vector first, as `control_vector.
+        llamacpp_control_vectors` builds it) added to layers `start..end`; None removes it."""
+        buf = None if data is None else np.ascontiguousarray(data, np.float32)
+        ptr = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        err = self.lib.llama_set_adapter_cvec(self._ctx, ptr, 0 if buf is None else buf.size, n_embd, start, end)
+        if err:
+            raise ReferenceUnavailableError(f"llama.cpp refused the control vector (n_embd {n_embd}): error {err}")
+
     # --- text ------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         data = text.encode("utf-8")

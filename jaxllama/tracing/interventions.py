@@ -14,6 +14,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from ..errors import InvalidInputError
 from .probes import Intervention
 
 
@@ -41,3 +42,19 @@ def patch(probe: str, value: np.ndarray, layers: Iterable[int] | None = None) ->
 def swap_swiglu(layers: Iterable[int] | None = None) -> Intervention:
     """Use `ffn_gate * silu(ffn_up)` instead of `silu(ffn_gate) * ffn_up` (a classic port bug)."""
     return Intervention("ffn_swiglu", lambda x, ctx: ctx["ffn_gate"] * jax.nn.silu(ctx["ffn_up"]), _layers(layers))
+
+
+def add(probe: str, vector: np.ndarray, strength: float = 1.0, layers: Iterable[int] | None = None) -> Intervention:
+    """Add `strength * vector` to `probe` (steering): `vector` is one `[X]` for every chosen layer, or
+    `[n_layer, X]`, one row per layer (row `layer` at that layer)."""
+    s = float(strength)
+    if not np.isfinite(s):
+        raise InvalidInputError(f"add: strength must be finite, not {strength}")
+    v = np.asarray(vector, dtype=np.float32) * np.float32(s)
+    if not np.isfinite(v).all():
+        raise InvalidInputError("add: the vector holds NaN or Inf")
+    if v.ndim == 1:
+        return Intervention(probe, lambda x, ctx: x + v, _layers(layers))
+    if v.ndim != 2:
+        raise InvalidInputError(f"add: vector must be [X] or [n_layer, X], not shape {v.shape}")
+    return Intervention(probe, lambda x, ctx: x + jax.numpy.asarray(v)[ctx["layer"]], _layers(layers))
