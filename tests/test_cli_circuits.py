@@ -73,7 +73,24 @@ def test_patch_json(tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_patch_attribution_json(default_model):
+    done = run("patch", "--clean", PROMPT, "--corrupted", "The capital of Italy is", "--answer", " Paris",
+               "--wrong", " Rome", "--attribution", "--compare", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    est, real = np.array(out["grid"]), np.array(out["patching_grid"])
+    assert out["method"] == "attribution" and est.shape == real.shape == (30, len(out["positions"]))
+    assert out["reproduce"]["settings"]["attribution"] is True
+    rho = out["rank_correlation"]
+    from jaxllama.analysis import rank_correlation
+
+    assert abs(rho - rank_correlation(est, real)) < 1e-9 and rho > 0.5
+    changed = out["clean_tokens"].index(next(a for a, b in zip(out["clean_tokens"], out["corrupted_tokens"]) if a != b))
+    assert np.all(est[:, :changed] == 0)  # identical tokens: clean - corrupted is exactly zero there
+
+
 @pytest.mark.parametrize("args, message", [
+    (("patch", "--clean", PROMPT, "--corrupted", PROMPT, "--answer", " Paris", "--compare"), "--compare goes with"),
     (("lens", "--prompt", PROMPT, "--target", " Paris is"), "--target: ' Paris is' is 2 tokens, not one"),
     (("patch", "--clean", PROMPT, "--corrupted", "The capital city of Italy is", "--answer", " Paris", "--wrong",
       " Rome"), "same number of tokens"),

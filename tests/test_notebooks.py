@@ -60,3 +60,11 @@ def test_circuits(default_gguf):
     france = float(outs[2].split("' France': ")[1].split(",")[0])
     assert france > 0.5
     assert "at the last token from layer" in outs[3]
+    assert float(outs[5].split("rank correlation ")[1].split()[0]) > 0.5  # attribution ranks cells as patching does
+
+    def odds(text: str) -> list[float]:  # the steered logit differences at strengths -6, 0, +6
+        return [float(line.split(" = ")[1].split()[0]) for line in text.splitlines() if " = " in line]
+
+    ours, theirs = odds(outs[6]), odds(outs[7])
+    assert len(ours) == len(theirs) == 3
+    assert ours[0] < ours[1] < ours[2] and theirs[0] < theirs[1] < theirs[2]  # llama.cpp moves the same way

@@ -207,6 +207,11 @@ def test_steer_cli_writes_a_vector_that_generate_and_perplexity_apply(tmp_path, 
     want = default_model.with_control_vector(cv.scaled(6.0), (5, 20)).logits(prompt)[-1].argmax()
     assert b["tokens"][0] == int(want) and a["tokens"] != b["tokens"]
     assert b["reproduce"]["model"]["control_vector"]["layer_range"] == [5, 20]
+    traces = [run("trace", "--prompt", "The movie was", "--probes", "l_out", "--json", *extra)
+              for extra in ((), ("--control-vector", f"{out}:6", "--control-vector-layer-range", 5, 20))]
+    assert all(t.returncode == 0 for t in traces), traces[1].stderr
+    rms = [{r["layer"]: r["rms"] for r in json.loads(t.stdout)["records"]} for t in traces]
+    assert rms[0][4] == rms[1][4] and rms[0][5] != rms[1][5]  # the vector acts from layer 5 on
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     ppl = [run("perplexity", "--file", text, "--ctx", 64, "--chunks", 1, "--json", *extra)
