@@ -17,7 +17,7 @@ backward of the corrupted one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -51,20 +51,14 @@ def log_prob(answer: int) -> Metric:
 
 @dataclass(frozen=True)
 class _Named:
-    """A built-in metric: hashable by name and tokens, so one compiled program serves repeats."""
+    """A built-in metric: equal (and hashed) by name and tokens, so repeats share one compiled program."""
 
     name: str
-    fn: Callable[[jax.Array], jax.Array]
-    tokens: tuple[int, ...]
+    fn: Callable[[jax.Array], jax.Array] = field(compare=False)
+    tokens: tuple[int, ...] = ()
 
     def __call__(self, logits: jax.Array) -> jax.Array:
         return self.fn(logits)
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.tokens))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Named) and (self.name, self.tokens) == (other.name, other.tokens)
 
 
 def metric_named(name: str, answer: int, wrong: int | None, vocab: int) -> Metric:
