@@ -29,7 +29,9 @@ from ..errors import InvalidInputError
 from ..gguf.config import LlamaConfig
 from ..model import Run, positions_and_mask, run_model
 from ..tracing.probes import Intervention, ProbeSpec, probe_shape
-from .patching import PROBES, Sweep, check_pair
+from .patching import Sweep, check_sweep, make_sweep
+
+METRICS = ("logit_diff", "prob", "log_prob")
 
 Metric = Callable[[jax.Array], jax.Array]  # last position's logits [V] -> scalar
 
@@ -61,18 +63,10 @@ class _Named:
         return self.fn(logits)
 
 
-def metric_named(name: str, answer: int, wrong: int | None, vocab: int) -> Metric:
-    """The metric `name` (`logit_diff`, `prob`, `log_prob`) of checked token ids."""
-    for what, tok in (("answer", answer), ("wrong", wrong)):
-        if tok is not None and not 0 <= tok < vocab:
-            raise InvalidInputError(f"{what}: token id {tok} is outside the vocabulary 0..{vocab - 1}")
-    if name == "logit_diff":
-        if wrong is None:
-            raise InvalidInputError("the logit_diff metric needs a wrong token")
-        return logit_diff(answer, wrong)
-    if name in ("prob", "log_prob"):
-        return prob(answer) if name == "prob" else log_prob(answer)
-    raise InvalidInputError(f"metric: must be one of logit_diff, prob, log_prob, not {name!r}")
+def metric_named(name: str, answer: int, wrong: int | None) -> Metric:
+    """The metric `name` (`logit_diff`, `prob`, `log_prob`) of token ids checked by `check_sweep`."""
+    return {"logit_diff": lambda: logit_diff(answer, wrong), "prob": lambda: prob(answer),
+            "log_prob": lambda: log_prob(answer)}[name]()
 
 
 @partial(jax.jit, static_argnames=("config", "probes", "metric", "grad"))
@@ -135,25 +129,17 @@ def attribution_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int]
     `grad . (clean - corrupted)` there (per head: over that head's slice of `kqv_out`) over
     `metric_clean - metric_corrupted`."""
     c = model.config
-    a, b = check_pair(model, clean, corrupted)
-    if probe not in PROBES or probe not in c.layer_probes:
-        raise InvalidInputError(f"probe {probe!r}: must be one of {', '.join(p for p in PROBES if p in c.layer_probes)}")
-    m = metric_named(metric, answer, wrong, c.vocab_size)
+    a, b = check_sweep(model, clean, corrupted, answer, wrong, probe, metric, METRICS)
+    m = metric_named(metric, answer, wrong)
     start = time.perf_counter()
     m_clean, _, clean_values = _metric_run(model.params, jnp.asarray(a), c, (probe,), m, grad=False)
     value, grads, corrupted_values = _metric_run(model.params, jnp.asarray(b), c, (probe,), m)
     terms = np.asarray(grads[probe]) * (np.asarray(clean_values[probe]) - np.asarray(corrupted_values[probe]))
-    per_head = probe == "kqv_out"
-    if per_head:
+    if probe == "kqv_out":
         est = terms.reshape(c.n_layer, len(b), c.n_head, -1).sum(axis=(1, 3))
     else:
         est = terms.sum(axis=-1)
-    m_clean = float(m_clean)
-    span = m_clean - float(value)
-    grid = est / span if span != 0 else np.full_like(est, np.nan)
-    width = est.shape[1]
-    return Sweep(probe, metric, list(range(c.n_layer)), None if per_head else list(range(width)),
-                 list(range(width)) if per_head else None, m_clean, float(value), grid, time.perf_counter() - start)
+    return make_sweep(probe, metric, c.n_layer, est, float(m_clean), float(value), start)
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

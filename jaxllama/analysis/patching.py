@@ -105,6 +105,36 @@ def check_pair(model: Any, clean: Sequence[int], corrupted: Sequence[int]) -> tu
     return a, b
 
 
+def check_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answer: int, wrong: int | None,
+                probe: str, metric: str, metrics: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A sweep's inputs checked (one-line errors): the prompt pair's ids, the probe, the metric
+    (one of `metrics`) and its answer and wrong tokens."""
+    c = model.config
+    a, b = check_pair(model, clean, corrupted)
+    if probe not in PROBES or probe not in c.layer_probes:
+        raise InvalidInputError(f"probe {probe!r}: must be one of {', '.join(p for p in PROBES if p in c.layer_probes)}")
+    if metric not in metrics:
+        raise InvalidInputError(f"metric: must be one of {', '.join(metrics)}, not {metric!r}")
+    for name, tok in (("answer", answer), ("wrong", wrong)):
+        if tok is not None and not 0 <= tok < c.vocab_size:
+            raise InvalidInputError(f"{name}: token id {tok} is outside the vocabulary 0..{c.vocab_size - 1}")
+    if metric == "logit_diff" and wrong is None:
+        raise InvalidInputError("the logit_diff metric needs a wrong token")
+    return a, b
+
+
+def make_sweep(probe: str, metric: str, n_layer: int, delta: np.ndarray, m_clean: float, m_corr: float,
+               start: float) -> Sweep:
+    """A `Sweep` from each cell's change of the metric `delta [L, cells]` (patched - corrupted),
+    normalised by `m_clean - m_corr`; `start`: `time.perf_counter()` when the sweep began."""
+    span = m_clean - m_corr
+    grid = delta / span if span != 0 else np.full_like(delta, np.nan)
+    cells = list(range(delta.shape[1]))
+    per_head = probe == "kqv_out"
+    return Sweep(probe, metric, list(range(n_layer)), None if per_head else cells, cells if per_head else None,
+                 m_clean, m_corr, grid, time.perf_counter() - start)
+
+
 def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answer: int, wrong: int | None = None,
                 probe: str = "l_out", metric: str = "logit_diff", batch: int = 16, resume: bool = True,
                 skip_unchanged: bool = True) -> Sweep:
@@ -113,16 +143,7 @@ def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answ
     `resume=False` runs every cell's forward from the embedding, `skip_unchanged=False` runs
     also the cells whose clean value is the corrupted one."""
     c = model.config
-    a, b = check_pair(model, clean, corrupted)
-    if probe not in PROBES or probe not in c.layer_probes:
-        raise InvalidInputError(f"probe {probe!r}: must be one of {', '.join(p for p in PROBES if p in c.layer_probes)}")
-    if metric not in METRICS:
-        raise InvalidInputError(f"metric: must be one of {', '.join(METRICS)}, not {metric!r}")
-    for name, tok in (("answer", answer), ("wrong", wrong)):
-        if tok is not None and not 0 <= tok < c.vocab_size:
-            raise InvalidInputError(f"{name}: token id {tok} is outside the vocabulary 0..{c.vocab_size - 1}")
-    if metric == "logit_diff" and wrong is None:
-        raise InvalidInputError("the logit_diff metric needs a wrong token")
+    a, b = check_sweep(model, clean, corrupted, answer, wrong, probe, metric, METRICS)
     if batch < 1:
         raise InvalidInputError(f"batch: must be at least 1, not {batch}")
     per_head = probe == "kqv_out"
@@ -148,10 +169,7 @@ def patch_sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], answ
             got = run(jnp.asarray(b), corrupted_in[first], jnp.int32(first), cell_layer=jnp.full(batch, layer, jnp.int32),
                       cell_index=jnp.asarray(padded, jnp.int32))
             raw[layer, idx] = np.asarray(got)[: len(idx)]
-    span = m_clean - m_corr
-    grid = (raw - m_corr) / span if span != 0 else np.full_like(raw, np.nan)
-    return Sweep(probe, metric, list(range(c.n_layer)), None if per_head else list(range(width)),
-                 list(range(width)) if per_head else None, m_clean, m_corr, grid, time.perf_counter() - start)
+    return make_sweep(probe, metric, c.n_layer, raw - m_corr, m_clean, m_corr, start)
 
 
 def _changed_cells(clean: np.ndarray, corrupted: np.ndarray, heads: int | None) -> np.ndarray:

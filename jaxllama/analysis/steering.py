@@ -62,8 +62,7 @@ def pair_differences(model: Any, positive: Sequence[Sequence[int]], negative: Se
             h = _streams(model, [a, b])  # [L, 2, T, D]
             diff = h[:, 0] - h[:, 1]
         else:
-            diff = np.stack([_streams(model, [a])[:, 0, -1], _streams(model, [b])[:, 0, -1]], axis=1)
-            diff = (diff[:, 0] - diff[:, 1])[:, None]  # [L, 1, D]
+            diff = (_streams(model, [a])[:, 0, -1] - _streams(model, [b])[:, 0, -1])[:, None]  # [L, 1, D]
         for layer in range(c.n_layer - 1):  # the stream entering layer + 1
             d = diff[layer]
             samples[layer].append(d[np.any(d != 0, axis=-1)])
