@@ -58,3 +58,49 @@ def llamacpp_imatrix(path: str | os.PathLike, chunks: np.ndarray, process_output
             ref.clear()
             ref.eval([int(t) for t in chunk], all_logits=True)
     return sums, counts
+
+
+def llamacpp_read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An imatrix GGUF read as `common_imatrix_load` and llama-quantize's `load_imatrix` read it,
+    on ggml's own GGUF reader: the metadata keys must be there (else llama-quantize exits), every
+    `NAME.in_sum2` needs an F32 `NAME.counts`; the result is in_sum2 / round(count) in float32
+    (1 where the count is 0), per matrix name."""
+    from .binding import ReferenceUnavailableError
+    from .control_vector import _GGUFInitParams, _ggml
+
+    lib = _ggml()
+    lib.gguf_find_key.restype = ctypes.c_int64
+    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_get_tensor.restype = ctypes.c_void_p
+    ctx = ctypes.c_void_p()
+    g = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(False, ctypes.pointer(ctx)))
+    if not g:
+        raise ReferenceUnavailableError(f"{path}: ggml could not read the imatrix file as GGUF")
+    try:
+        for key in (b"imatrix.datasets", b"imatrix.chunk_count", b"imatrix.chunk_size"):
+            if lib.gguf_find_key(g, key) < 0:
+                raise ReferenceUnavailableError(f"{path}: llama-quantize: missing imatrix metadata {key.decode()}")
+        names = [lib.gguf_get_tensor_name(g, i).decode() for i in range(lib.gguf_get_n_tensors(g))]
+        out = {}
+        for n in names:
+            if not n.endswith(".in_sum2"):
+                continue
+            base = n[: -len(".in_sum2")]
+            if base + ".counts" not in names:
+                raise ReferenceUnavailableError(f"{path}: mismatched sums and counts for {base}")
+            ts, tc = lib.ggml_get_tensor(ctx, n.encode()), lib.ggml_get_tensor(ctx, (base + ".counts").encode())
+            if _TensorHead.from_address(ts).type != 0 or _TensorHead.from_address(tc).type != 0:
+                raise ReferenceUnavailableError(f"{path}: sums and counts for {base} must be F32")
+            sums = np.ctypeslib.as_array(lib.ggml_get_data_f32(ts), shape=(lib.ggml_nelements(ts),)).copy()
+            counts = np.ctypeslib.as_array(lib.ggml_get_data_f32(tc), shape=(lib.ggml_nelements(tc),)).copy()
+            ne0 = sums.size // counts.size
+            e = np.ones_like(sums)
+            for j, c in enumerate(np.rint(counts)):  # std::lround, then (float)
+                if c > 0:
+                    e[j * ne0:(j + 1) * ne0] = sums[j * ne0:(j + 1) * ne0] / np.float32(c)
+            out[base] = e
+        return out
+    finally:
+        lib.gguf_free(g)
+        if ctx:
+            lib.ggml_free(ctx)

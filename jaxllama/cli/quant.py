@@ -1,0 +1,130 @@
+"""`jaxllama quantize` (a GGUF quantized as llama-quantize --pure writes it) and `jaxllama imatrix`
+(llama.cpp's importance matrix, in its GGUF format)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InvalidInputError
+
+
+def add_parsers(sub: Any, model_arg: Callable, act_quant_arg: Callable) -> None:
+    q = sub.add_parser("quantize", help="quantize an F32/F16/BF16 GGUF as llama-quantize does (same bytes)")
+    q.add_argument("--base", required=True, metavar="GGUF", help="the F32, F16 or BF16 model to quantize")
+    q.add_argument("--type", required=True, metavar="TYPE",
+                   help="Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_NL")
+    q.add_argument("--pure", action="store_true",
+                   help="every matrix to TYPE (llama-quantize --pure; rows that do not fill a K-quant's "
+                        "256-value block fall back as llama.cpp's do)")
+    q.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp's GGUF or legacy .dat)")
+    q.add_argument("--out", required=True, metavar="GGUF", help="output file (written whole or not at all)")
+    q.add_argument("--json", action="store_true", help="print one JSON summary (types, bytes, bpw, hashes)")
+    im = sub.add_parser("imatrix", help="llama.cpp's importance matrix of a text, in its GGUF format")
+    model_arg(im)
+    im.add_argument("--file", required=True, metavar="TEXT", help="UTF-8 calibration text")
+    im.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk (512, as llama-imatrix)")
+    im.add_argument("--chunks", type=int, metavar="K", help="use only the first K chunks (default: all)")
+    im.add_argument("--batch", type=int, default=1, metavar="B", help="chunks per jitted forward (1)")
+    im.add_argument("--process-output", action="store_true", help="also collect output.weight (as llama-imatrix)")
+    im.add_argument("--out", default="imatrix.gguf", metavar="FILE", help="output file (imatrix.gguf)")
+    im.add_argument("--weights", "--dtype", dest="weights", default="auto",
+                    choices=("auto", "native", "float32", "bfloat16"), help="weight layout (auto: GGUF's blocks)")
+    act_quant_arg(im)
+    im.add_argument("--json", action="store_true", help="print a JSON summary with a reproduce block")
+
+
+def _out_path(text: str, what: str = "--out") -> Path:
+    out = Path(text)
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"{what}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise InvalidInputError(f"{what}: {out} is a directory")
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gguf import GGUFReader
+
+    from ..gguf.default_model import sha256_file
+    from ..quant import parse_type
+    from ..quant.file import quantize_file
+    from ..quant.imatrix import read_imatrix
+
+    qtype = parse_type(args.type, "--type")
+    if not args.pure:
+        raise InvalidInputError("quantize: give --pure (every matrix to --type); llama-quantize's mixed "
+                                "recipes (Q4_K_M, ...) are not reproduced")
+    base, out = Path(args.base), _out_path(args.out)
+    if not base.is_file():
+        raise InvalidInputError(f"--base: {base}: no such file")
+    if out.resolve() == base.resolve():
+        raise InvalidInputError("--out must not be the --base file")
+    weights, meta = None, {}
+    if args.imatrix:
+        im = read_imatrix(args.imatrix)
+        try:
+            cols = {t.name: int(t.shape[0]) for t in GGUFReader(base).tensors if len(t.shape) == 2}
+        except Exception as e:
+            raise InvalidInputError(f"--base: {base}: not a readable GGUF file ({e})") from None
+        im.check_for(cols)
+        weights = im.weights()
+        meta = {"quantize.imatrix.file": str(args.imatrix), "quantize.imatrix.entries_count": len(weights),
+                "quantize.imatrix.chunks_count": int(im.chunk_count)}
+        if im.datasets:
+            meta["quantize.imatrix.dataset"] = im.datasets[0]
+    t0 = time.perf_counter()
+    res = quantize_file(base, out, qtype, imatrix=weights, metadata=meta)
+    seconds = time.perf_counter() - t0
+    types = Counter(t.type.name for t in res.tensors)
+    if args.json:
+        print(json.dumps({"out": str(out), "type": qtype.name, "pure": True, "file_type": res.file_type,
+                          "tensors": {t.name: t.type.name for t in res.tensors}, "types": dict(types),
+                          "tensor_bytes": res.nbytes, "weights": res.n_weights, "bpw": res.bpw,
+                          "imatrix": args.imatrix, "with_imatrix": sum(t.imatrix for t in res.tensors),
+                          "seconds": seconds, "base": {"path": str(base), "sha256": sha256_file(base)},
+                          "out_sha256": sha256_file(out)}))
+    else:
+        mix = ", ".join(f"{n} {k}" for k, n in types.most_common())
+        print(f"{out}: {len(res.tensors)} tensors ({mix}), {res.nbytes / 2**20:.2f} MiB, {res.bpw:.3f} bpw, "
+              f"{seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_imatrix(args: argparse.Namespace, load_model: Callable) -> int:
+    from ..provenance import provenance
+    from ..quant.imatrix import chunks_of, compute_imatrix, write_imatrix
+    from ..scoring.perplexity import read_text
+
+    for name in ("ctx", "batch"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.ctx < 16:  # llama-imatrix ignores products of fewer than 16 rows
+        raise InvalidInputError(f"--ctx must be >= 16 (llama.cpp skips smaller batches), got {args.ctx}")
+    if args.chunks is not None and args.chunks < 1:
+        raise InvalidInputError(f"--chunks must be >= 1, got {args.chunks}")
+    out = _out_path(args.out)
+    text = read_text(args.file)
+    model = load_model(args)
+    if args.ctx > model.config.context_length:
+        raise InvalidInputError(f"--ctx {args.ctx} exceeds the model's context {model.config.context_length}")
+    tok = model.tokenizer
+    chunks = chunks_of(tok.encode(text, add_special=True), args.ctx, tok.bos_id if tok.add_bos else None, args.chunks)
+    t0 = time.perf_counter()
+    im = compute_imatrix(model, chunks, batch=args.batch, process_output=args.process_output, dataset=str(args.file))
+    seconds = time.perf_counter() - t0
+    write_imatrix(out, im)
+    if args.json:
+        print(json.dumps({"out": str(out), "entries": len(im.sums), "chunks": im.chunk_count, "ctx": im.chunk_size,
+                          "tokens": int(chunks.size), "seconds": seconds,
+                          "reproduce": provenance(model, None, file=str(args.file), ctx=args.ctx, chunks=args.chunks,
+                                                  process_output=args.process_output)}))
+    else:
+        print(f"{out}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens, {seconds:.1f} s",
+              file=sys.stderr)
+    return 0
