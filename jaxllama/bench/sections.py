@@ -45,7 +45,7 @@ import numpy as np
 from .common import child_json, kernel_table, machine, peak_rss_mb, reset_peak_rss, run_child, timed
 
 SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring", "patching",
-            "device")
+            "quant", "device")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # `device` is for machines where llama.cpp's side is not the point
 LAYOUTS = ("native", "float32")
 CHAT = "Write one sentence about the sea."
@@ -401,6 +401,10 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
         r["device"] = bench_device(models, repeats, decode_tokens)
     if "patching" in sections:
         r["patching"] = bench_patching(models["native"], repeats)
+    if "quant" in sections:
+        from .quant import bench_quant
+
+        r["quant"] = bench_quant(path, repeats)
     if "tokenize" in sections:
         r["tokenize_1mb"] = bench_tokenize(models["native"], path, repeats)
     del models
