@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from .cache import add_parser as add_cache_parser, cmd_cache
 from .circuits import add_parsers as add_circuit_parsers, cmd_attention, cmd_lens, cmd_lens_train, cmd_patch
-from .quant import add_parsers as add_quant_parsers, cmd_imatrix, cmd_quantize
+from .quant import add_parsers as add_quant_parsers, add_sensitivity_parser, cmd_imatrix, cmd_quantize, cmd_sensitivity
 from .steer import add_control_vector_args, add_parser as add_steer_parser, cmd_steer, with_control_vectors
 from .generate import add_sampling_args, cmd_chat, cmd_generate
 from .score import add_mesh_arg, add_score_parsers, cmd_kl_divergence, cmd_perplexity, mesh_of
@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     add_circuit_parsers(sub, _model_arg, _input_args)
     add_steer_parser(sub, _model_arg)
     add_quant_parsers(sub, _model_arg, _act_quant_arg)
+    add_sensitivity_parser(sub)
     bench = sub.add_parser("bench", help="benchmark against llama.cpp on the same file; prints JSON")
     from ..bench import add_arguments
 
@@ -407,7 +408,7 @@ COMMANDS = {"generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "lo
             "perplexity": cmd_perplexity, "kl-divergence": cmd_kl_divergence, "cache": cmd_cache,
             "lens": _cmd_lens, "lens-train": _cmd_lens_train, "attention": _cmd_attention, "patch": _cmd_patch,
             "steer": lambda args: cmd_steer(args, _load_model), "quantize": cmd_quantize,
-            "imatrix": lambda args: cmd_imatrix(args, _load_model)}
+            "imatrix": lambda args: cmd_imatrix(args, _load_model), "sensitivity": cmd_sensitivity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,3 +128,76 @@ def cmd_imatrix(args: argparse.Namespace, load_model: Callable) -> int:
         print(f"{out}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens, {seconds:.1f} s",
               file=sys.stderr)
     return 0
+
+
+def add_sensitivity_parser(sub: Any) -> None:
+    s = sub.add_parser("sensitivity", help="KL of quantizing each group of tensors to each type, measured end to end")
+    s.add_argument("--base", required=True, metavar="GGUF", help="F32/F16/BF16 model (off every grid: see tools/offgrid_base.py)")
+    s.add_argument("--file", required=True, metavar="TEXT", help="UTF-8 text to measure on")
+    s.add_argument("--types", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", metavar="T1,T2,...",
+                   help="candidate types (Q2_K,Q3_K,Q4_K,Q5_K,Q6_K); K-quants fall back as llama.cpp's do")
+    s.add_argument("--group", default="layer", choices=("layer", "tensor", "class"),
+                   help="quantize one layer, one matrix, or one kind of matrix across layers at a time")
+    s.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk; positions N/2..N-2 scored (512)")
+    s.add_argument("--chunks", type=int, metavar="K", help="only the first K chunks (default: all)")
+    s.add_argument("--batch", type=int, default=2, metavar="B", help="chunks per forward (2)")
+    s.add_argument("--imatrix", metavar="FILE", help="quantize with this importance matrix")
+    s.add_argument("--seed", type=int, default=0, help="seed of the Fisher estimate's sampled targets (0)")
+    s.add_argument("--out", metavar="JSON", help="write the full result (every cell, reproduce block) here")
+    s.add_argument("--heatmap", metavar="PNG", help="layer x tensor class heatmap of KL per byte saved")
+    s.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from ..loader import load
+    from ..provenance import provenance
+    from ..quant.imatrix import read_imatrix
+    from ..quant.sensitivity import plot_heatmap, quantizable, sensitivity
+    from ..scoring.perplexity import read_text
+
+    for name in ("ctx", "batch"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    base = Path(args.base)
+    if not base.is_file():
+        raise InvalidInputError(f"--base: {base}: no such file")
+    out = _out_path(args.out) if args.out else None
+    heat = _out_path(args.heatmap, "--heatmap") if args.heatmap else None
+    types = [t for t in args.types.split(",") if t.strip()]
+    text = read_text(args.file)
+    model = load(base, weights="float32")
+    weights = None
+    if args.imatrix:
+        im = read_imatrix(args.imatrix)
+        im.check_for({n: s[-1] for n, s in quantizable(model).items()})
+        weights = im.weights()
+    bar = _progress(args)
+    res = sensitivity(model, text, types, args.group, args.ctx, args.chunks, args.batch, weights, args.seed,
+                      progress=bar)
+    doc = {**res.to_json(), "reproduce": provenance(model, None, file=str(args.file), types=res.types,
+                                                    group=args.group, ctx=args.ctx, chunks=args.chunks,
+                                                    imatrix=args.imatrix, seed=args.seed)}
+    if out:
+        out.write_text(json.dumps(doc))
+    if heat:
+        plot_heatmap(res, str(heat))
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        groups, kl = res.grid()
+        print(f"{'group':<22}" + "".join(f"{t:>12}" for t in res.types))
+        for g, row in zip(groups, kl):
+            print(f"{g:<22}" + "".join(f"{v:12.5f}" for v in row))
+        print(f"mean KL over {res.positions} positions; Fisher estimate rank correlation {res.rank_correlation:.3f}; "
+              f"{res.seconds:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> Callable[[str], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(what: str) -> None:
+        print(f"\r{what:<40}", end="", file=sys.stderr, flush=True)
+
+    return show
