@@ -13,6 +13,11 @@ from pathlib import Path
 # tests start): a program that another process (a second test run, a user's CLI) is writing at the
 # same moment is never read half-written; XLA aborts the process on one (seen once, 2026-12-07).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxllama-xla-"))
+# Parallel workers (pytest-xdist, see pyproject.toml) share the cores: llama.cpp gets one thread in
+# each, since its threads spin at barriers and a descheduled one stalls every graph node. Results do
+# not depend on its thread count (each output row is computed by one thread).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("JAXLLAMA_REFERENCE_THREADS", "1")
 # This process itself (which compiles hundreds of programs) keeps none: twice, once writing and once
 # reading, XLA's executable (de)serialisation crashed the whole run in a late scoring test when the
 # in-process CLI calls had turned the persistent cache on. Not reproduced in a short process; the
@@ -59,6 +64,19 @@ def q8_0_gguf(f32_gguf: Path) -> Path:
     path = cache_dir() / "SmolLM2-135M-Instruct.requant-Q8_0.gguf"
     if not path.exists():
         requantize(f32_gguf, path, "Q8_0")
+    return path
+
+
+@pytest.fixture(scope="session")
+def offgrid_gguf(default_gguf: Path) -> Path:
+    """The default model's F32 re-export with 0.05 x each matrix's std of seeded noise (cached): a
+    base off every quantization grid."""
+    from jaxllama.gguf.default_model import cache_dir
+    from jaxllama.reference.export import export_offgrid
+
+    path = cache_dir() / "SmolLM2-135M-Instruct.offgrid-F32.gguf"
+    if not path.exists():
+        export_offgrid(default_gguf, path)
     return path
 
 

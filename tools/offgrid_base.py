@@ -14,27 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-
-def write_offgrid(src: Path, dst: Path, noise: float, seed: int) -> Path:
-    import gguf
-
-    from jaxllama.quant.file import allows_quantization
-    from jaxllama.reference.export import _rewrite
-
-    rng = np.random.default_rng(seed)
-
-    def convert(name: str, v: np.ndarray) -> tuple[np.ndarray, object]:
-        if allows_quantization(name, v.ndim):
-            v = v + (np.float32(noise) * v.std() * rng.standard_normal(v.shape)).astype(np.float32)
-        return v.astype(np.float32), None
-
-    return _rewrite(src, dst, gguf.LlamaFileType.ALL_F32, convert)
-
 
 def main(argv: list[str] | None = None) -> int:
     from jaxllama.cli.main import _model_path
+    from jaxllama.reference.export import export_offgrid
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="GGUF path or known model name (default: the default model)")
@@ -42,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    out = write_offgrid(_model_path(a.model), Path(a.out), a.noise, a.seed)
+    out = export_offgrid(_model_path(a.model), Path(a.out), a.noise, a.seed)
     print(out)
     return 0
 

@@ -23,7 +23,7 @@ def _rewrite(src: str | os.PathLike, dst: str | os.PathLike, file_type: int,
 
     reader = gguf.GGUFReader(src)
     arch = reader.get_field("general.architecture").contents()
-    tmp = Path(f"{dst}.partial")
+    tmp = Path(f"{dst}.partial-{os.getpid()}")  # several processes may make the same cached file
     writer = gguf.GGUFWriter(tmp, arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
@@ -74,3 +74,21 @@ def requantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_
         return gguf.quants.quantize(v, q), q
 
     return _rewrite(src, dst, file_type, convert)
+
+
+def export_offgrid(src: str | os.PathLike, dst: str | os.PathLike, noise: float = 0.05, seed: int = 0) -> Path:
+    """An F32 copy of `src` with seeded noise of `noise` x each matrix's std added to every tensor
+    llama-quantize would quantize (norms untouched): a base off every quantization grid, where
+    re-quantizing to the file's own type is no longer lossless (see tools/offgrid_base.py)."""
+    import gguf
+
+    from ..quant.file import allows_quantization
+
+    rng = np.random.default_rng(seed)
+
+    def convert(name: str, v: np.ndarray) -> tuple[np.ndarray, object]:
+        if allows_quantization(name, v.ndim):
+            v = v + (np.float32(noise) * v.std() * rng.standard_normal(v.shape)).astype(np.float32)
+        return v.astype(np.float32), None
+
+    return _rewrite(src, dst, gguf.LlamaFileType.ALL_F32, convert)

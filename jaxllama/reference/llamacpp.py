@@ -21,6 +21,13 @@ GGML_TYPE_F32 = 0
 FLASH_ATTN_DISABLED = 0
 
 
+def default_threads() -> int:
+    """llama.cpp's threads when not given: `JAXLLAMA_REFERENCE_THREADS`, else every core. (ggml's
+    threads meet at spinning barriers: when other processes share the cores, as parallel test
+    workers do, one thread each keeps a descheduled thread from stalling every graph node.)"""
+    return int(os.environ.get("JAXLLAMA_REFERENCE_THREADS") or 0) or os.cpu_count() or 1
+
+
 class LlamaCpp:
     """A llama.cpp model and context: `n_ctx` slots, `n_seq` sequences, `n_threads` threads.
 
@@ -45,7 +52,7 @@ class LlamaCpp:
         if bit_close:
             cp.type_k = cp.type_v = GGML_TYPE_F32
             cp.flash_attn_type = FLASH_ATTN_DISABLED
-        cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
         self._callback = None
         if on_tensor is not None:
             def eval_cb(tensor: int, ask: bool, _user: Any) -> bool:

@@ -1,0 +1,139 @@
+"""The sensitivity sweep and the budget mix: each measured cell equals the KL of the file that
+quantization writes, computed by the ordinary scoring path; an on-grid base shows its own type as
+free (the reason to use an off-grid one); the knapsack is the exact optimum."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+import jaxllama
+from jaxllama.errors import InvalidInputError
+from jaxllama.quant.budget import choose, parse_budget
+from jaxllama.quant.sensitivity import sensitivity
+
+GPL = "/usr/share/common-licenses/GPL-3"
+T = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def text():
+    from jaxllama.scoring.perplexity import read_text
+
+    return read_text(GPL)
+
+
+@pytest.fixture(scope="module")
+def offgrid(offgrid_gguf):
+    return jaxllama.load(offgrid_gguf, weights="float32")
+
+
+@pytest.fixture(scope="module")
+def layer_sweep(offgrid, text):
+    return sensitivity(offgrid, text, ["Q4_K", "Q8_0"], "layer", ctx=128, chunks=2, batch=2)
+
+
+def _file_kl(base_path, base, text, tensors, qtype, tmp_path):
+    """KL(base || the file quantize_file writes with `tensors` at `qtype`, the rest F32), by
+    `jaxllama.kl_divergence` (whole forwards, no resuming)."""
+    from jaxllama.quant.file import quantize_file
+
+    out = tmp_path / f"cand-{qtype}-{len(tensors)}.gguf"
+    res = quantize_file(base_path, out, "Q8_0", types={n: T[qtype] for n in tensors} |
+                        {t.name: T.F32 for t in gguf.GGUFReader(base_path).tensors if t.name not in tensors})
+    nbytes = sum(t.nbytes for t in res.tensors if t.name in tensors)
+    kl = jaxllama.kl_divergence(base, jaxllama.load(out, weights="float32"), text, 128, 2)
+    return kl.summary, nbytes
+
+
+def test_cells_equal_the_kl_of_the_written_file(layer_sweep, offgrid, offgrid_gguf, text, tmp_path):
+    """Embedding (whole forward), first layer and a resumed middle layer, K-quant and Q8_0: the
+    sweep's KL, p99, top-1 and bytes are those of the file written with that group quantized."""
+    cells = {(c.group, c.type): c for c in layer_sweep.cells}
+    assert len(cells) == 2 * (1 + offgrid.config.n_layer)
+    for group, qtype in (("token_embd", "Q8_0"), ("blk.0", "Q4_K"), ("blk.17", "Q4_K"), ("blk.17", "Q8_0")):
+        names = ["token_embd.weight"] if group == "token_embd" else [
+            f"{group}.{m}.weight" for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+        want, nbytes = _file_kl(offgrid_gguf, offgrid, text, names, qtype, tmp_path)
+        c = cells[(group, qtype)]
+        assert c.bytes == nbytes
+        assert c.kld_mean > 0
+        # the same float32 weights and program pieces; only the batching of the layers differs
+        assert c.kld_mean == pytest.approx(want["kld_mean"], rel=1e-3, abs=1e-7), (group, qtype)
+        assert c.same_top == pytest.approx(want["same_top_rate"], abs=1 / 126 + 1e-9)
+    # K-quants fall back on 576-wide rows as llama.cpp's do: only ffn_down (1536 wide) is Q4_K
+    assert cells[("blk.3", "Q4_K")].types == {"Q4_K": 1, "Q5_0": 6}
+    assert layer_sweep.rank_correlation > 0.5  # the Fisher estimate orders the cells (0.9+ measured)
+
+
+def test_on_grid_base_finds_its_own_type_free(f32_gguf, text):
+    """On the F32 re-export of the Q4_1 file, re-quantizing the layers to Q4_1 returns the file's own
+    blocks: KL exactly 0 (which is why sweeps need an off-grid base); Q4_0 is not free."""
+    base = jaxllama.load(f32_gguf, weights="float32")
+    r = sensitivity(base, text, ["Q4_1", "Q4_0"], "class", ctx=128, chunks=2)
+    for c in r.cells:
+        if c.group == "token_embd":  # the file's embedding is Q8_0
+            continue
+        assert (c.kld_mean == 0.0) == (c.type == "Q4_1"), (c.group, c.type, c.kld_mean)
+
+
+def test_choose_is_the_exact_knapsack_optimum():
+    rng = np.random.default_rng(0)
+    options = {f"g{i}": [(t, int(rng.integers(100, 1000)), float(rng.random())) for t in ("a", "b", "c")]
+               for i in range(6)}
+    best = None
+    for combo in itertools.product(range(3), repeat=6):
+        size = sum(options[f"g{i}"][k][1] for i, k in enumerate(combo))
+        kl = sum(options[f"g{i}"][k][2] for i, k in enumerate(combo))
+        if size <= 3000 and (best is None or kl < best[0]):
+            best = (kl, combo)
+    got = choose(options, 3000, units=3000)  # one byte per unit: no rounding
+    assert sum(next(o[2] for o in options[g] if o[0] == t) for g, t in got.items()) == pytest.approx(best[0])
+    with pytest.raises(InvalidInputError, match="no mix fits"):
+        choose(options, 500)
+    assert parse_budget("4.8bpw") == parse_budget(" 4.8 ") == 4.8
+    with pytest.raises(InvalidInputError):
+        parse_budget("fast")
+
+
+def test_budget_cli_writes_a_mix_within_the_budget(layer_sweep, offgrid, offgrid_gguf, tmp_path, capsys):
+    from jaxllama.cli import main
+    from jaxllama.provenance import provenance
+
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({**layer_sweep.to_json(), "reproduce": provenance(offgrid, None)}))
+    out = tmp_path / "mix.gguf"
+    assert main(["quantize", "--base", str(offgrid_gguf), "--budget", "6.2bpw", "--sweep", str(sweep),
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bpw"] <= 6.2 and set(summary["budget"]["groups"].values()) == {"Q4_K", "Q8_0"}
+    r = gguf.GGUFReader(out)
+    assert sum(int(t.n_bytes) for t in r.tensors) * 8 / sum(int(t.n_elements) for t in r.tensors) <= 6.2
+    # a mix at more bits per weight spends them where the sweep measured the most KL
+    per_group = summary["budget"]["groups"]
+    kl = {(c.group, c.type): c.kld_mean for c in layer_sweep.cells}
+    gain = {g: kl[(g, "Q4_K")] - kl[(g, "Q8_0")] for g in per_group if g != "token_embd"}
+    upgraded = [g for g, t in per_group.items() if t == "Q8_0" and g in gain]
+    kept = [g for g, t in per_group.items() if t == "Q4_K" and g in gain]
+    assert upgraded and kept and min(gain[g] for g in upgraded) >= np.median([gain[g] for g in kept])
+    for args, msg in [(["--budget", "2"], "smallest mix"), (["--budget", "fast"], "bits per weight"),
+                      (["--budget", "5", "--type", "Q4_K"], "drop --type"), (["--budget", "5"], "--sweep")]:
+        extra = ["--sweep", str(sweep)] if msg not in ("--sweep",) else []
+        rc = main(["quantize", "--base", str(offgrid_gguf), *args, *extra, "--out", str(tmp_path / "x.gguf")])
+        err = capsys.readouterr().err
+        assert rc == 1 and msg in err and not (tmp_path / "x.gguf").exists(), (args, err)
+
+
+def test_sensitivity_cli_bad_input(default_gguf, f32_gguf, capsys):
+    from jaxllama.cli import main
+
+    for args, msg in [(["--base", str(default_gguf), "--types", "Q4_K"], "already"),
+                      (["--base", str(f32_gguf), "--types", "Q4_K,Q9"], "not a type"),
+                      (["--base", "/nonexistent.gguf"], "no such file")]:
+        rc = main(["sensitivity", *args, "--file", GPL, "--ctx", "128", "--chunks", "2"])
+        err = capsys.readouterr().err
+        assert rc == 1 and msg in err and err.count("\n") == 1, (args, err)
