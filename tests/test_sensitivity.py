@@ -33,8 +33,9 @@ def offgrid(offgrid_gguf):
 
 
 @pytest.fixture(scope="module")
-def layer_sweep(offgrid, text):
-    return sensitivity(offgrid, text, ["Q4_K", "Q8_0"], "layer", ctx=128, chunks=2, batch=2)
+def class_sweep(offgrid, text):
+    """Every kind of matrix across all layers (the embedding alone), to Q4_K and Q8_0."""
+    return sensitivity(offgrid, text, ["Q4_K", "Q8_0"], "class", ctx=128, chunks=2, batch=2)
 
 
 def _file_kl(base_path, base, text, tensors, qtype, tmp_path):
@@ -50,35 +51,39 @@ def _file_kl(base_path, base, text, tensors, qtype, tmp_path):
     return kl.summary, nbytes
 
 
-def test_cells_equal_the_kl_of_the_written_file(layer_sweep, offgrid, offgrid_gguf, text, tmp_path):
-    """Embedding (whole forward), first layer and a resumed middle layer, K-quant and Q8_0: the
-    sweep's KL, p99, top-1 and bytes are those of the file written with that group quantized."""
-    cells = {(c.group, c.type): c for c in layer_sweep.cells}
-    assert len(cells) == 2 * (1 + offgrid.config.n_layer)
-    for group, qtype in (("token_embd", "Q8_0"), ("blk.0", "Q4_K"), ("blk.17", "Q4_K"), ("blk.17", "Q8_0")):
-        names = ["token_embd.weight"] if group == "token_embd" else [
-            f"{group}.{m}.weight" for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+def test_cells_equal_the_kl_of_the_written_file(class_sweep, offgrid, offgrid_gguf, text, tmp_path):
+    """The embedding (a whole forward), one kind of matrix in every layer (swapped stacks) and one
+    layer resumed in the middle: the sweep's KL, top-1 and bytes are those of the file written with
+    that group quantized, scored by `kl_divergence` from scratch."""
+    layer = sensitivity(offgrid, text, ["Q4_K"], "layer", ctx=128, chunks=2, only=["blk.17"])
+    cells = {(c.group, c.type): c for c in class_sweep.cells + layer.cells}
+    assert len(class_sweep.cells) == 2 * 8 and len(layer.cells) == 1
+    matrices = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    for group, qtype, names in (
+            ("token_embd", "Q8_0", ["token_embd.weight"]),
+            ("attn_v", "Q4_K", [f"blk.{i}.attn_v.weight" for i in range(offgrid.config.n_layer)]),
+            ("blk.17", "Q4_K", [f"blk.17.{m}.weight" for m in matrices])):
         want, nbytes = _file_kl(offgrid_gguf, offgrid, text, names, qtype, tmp_path)
         c = cells[(group, qtype)]
-        assert c.bytes == nbytes
-        assert c.kld_mean > 0
+        assert c.bytes == nbytes and c.kld_mean > 0
         # the same float32 weights and program pieces; only the batching of the layers differs
         assert c.kld_mean == pytest.approx(want["kld_mean"], rel=1e-3, abs=1e-7), (group, qtype)
         assert c.same_top == pytest.approx(want["same_top_rate"], abs=1 / 126 + 1e-9)
     # K-quants fall back on 576-wide rows as llama.cpp's do: only ffn_down (1536 wide) is Q4_K
-    assert cells[("blk.3", "Q4_K")].types == {"Q4_K": 1, "Q5_0": 6}
-    assert layer_sweep.rank_correlation > 0.5  # the Fisher estimate orders the cells (0.9+ measured)
+    assert cells[("blk.17", "Q4_K")].types == {"Q4_K": 1, "Q5_0": 6}
+    assert cells[("ffn_down", "Q4_K")].types == {"Q4_K": 30}
+    assert class_sweep.rank_correlation > 0.5  # the Fisher estimate orders the cells (0.9+ measured)
 
 
 def test_on_grid_base_finds_its_own_type_free(f32_gguf, text):
     """On the F32 re-export of the Q4_1 file, re-quantizing the layers to Q4_1 returns the file's own
     blocks: KL exactly 0 (which is why sweeps need an off-grid base); Q4_0 is not free."""
     base = jaxllama.load(f32_gguf, weights="float32")
-    r = sensitivity(base, text, ["Q4_1", "Q4_0"], "class", ctx=128, chunks=2)
+    r = sensitivity(base, text, ["Q4_1", "Q4_0", "Q8_0"], "class", ctx=128, chunks=2,
+                    only=["token_embd", "attn_v", "ffn_down"])
     for c in r.cells:
-        if c.group == "token_embd":  # the file's embedding is Q8_0
-            continue
-        assert (c.kld_mean == 0.0) == (c.type == "Q4_1"), (c.group, c.type, c.kld_mean)
+        own = "Q8_0" if c.group == "token_embd" else "Q4_1"  # the file's embedding is Q8_0
+        assert (c.kld_mean == 0.0) == (c.type == own), (c.group, c.type, c.kld_mean)
 
 
 def test_choose_is_the_exact_knapsack_optimum():
@@ -100,12 +105,12 @@ def test_choose_is_the_exact_knapsack_optimum():
         parse_budget("fast")
 
 
-def test_budget_cli_writes_a_mix_within_the_budget(layer_sweep, offgrid, offgrid_gguf, tmp_path, capsys):
+def test_budget_cli_writes_a_mix_within_the_budget(class_sweep, offgrid, offgrid_gguf, tmp_path, capsys):
     from jaxllama.cli import main
     from jaxllama.provenance import provenance
 
     sweep = tmp_path / "sweep.json"
-    sweep.write_text(json.dumps({**layer_sweep.to_json(), "reproduce": provenance(offgrid, None)}))
+    sweep.write_text(json.dumps({**class_sweep.to_json(), "reproduce": provenance(offgrid, None)}))
     out = tmp_path / "mix.gguf"
     assert main(["quantize", "--base", str(offgrid_gguf), "--budget", "6.2bpw", "--sweep", str(sweep),
                  "--out", str(out), "--json"]) == 0
@@ -113,13 +118,17 @@ def test_budget_cli_writes_a_mix_within_the_budget(layer_sweep, offgrid, offgrid
     assert summary["bpw"] <= 6.2 and set(summary["budget"]["groups"].values()) == {"Q4_K", "Q8_0"}
     r = gguf.GGUFReader(out)
     assert sum(int(t.n_bytes) for t in r.tensors) * 8 / sum(int(t.n_elements) for t in r.tensors) <= 6.2
-    # a mix at more bits per weight spends them where the sweep measured the most KL
-    per_group = summary["budget"]["groups"]
-    kl = {(c.group, c.type): c.kld_mean for c in layer_sweep.cells}
-    gain = {g: kl[(g, "Q4_K")] - kl[(g, "Q8_0")] for g in per_group if g != "token_embd"}
-    upgraded = [g for g, t in per_group.items() if t == "Q8_0" and g in gain]
-    kept = [g for g, t in per_group.items() if t == "Q4_K" and g in gain]
-    assert upgraded and kept and min(gain[g] for g in upgraded) >= np.median([gain[g] for g in kept])
+    # the mix is the best one that fits: brute force over every assignment of the 8 groups
+    opts = {}
+    for c in class_sweep.cells:
+        opts.setdefault(c.group, []).append((c.type, c.bytes, c.kld_mean))
+    fixed = sum(int(t.n_bytes) for t in r.tensors) - sum(b for g, t in summary["budget"]["groups"].items()
+                                                         for tt, b, _ in opts[g] if tt == t)
+    capacity = 6.2 * sum(int(t.n_elements) for t in r.tensors) / 8 - fixed
+    best = min(sum(o[k][2] for o, k in zip(opts.values(), combo))
+               for combo in itertools.product(range(2), repeat=len(opts))
+               if sum(o[k][1] for o, k in zip(opts.values(), combo)) <= capacity)
+    assert summary["budget"]["predicted_kld_sum"] == pytest.approx(best, rel=1e-9)
     for args, msg in [(["--budget", "2"], "smallest mix"), (["--budget", "fast"], "bits per weight"),
                       (["--budget", "5", "--type", "Q4_K"], "drop --type"), (["--budget", "5"], "--sweep")]:
         extra = ["--sweep", str(sweep)] if msg not in ("--sweep",) else []
@@ -131,7 +140,7 @@ def test_budget_cli_writes_a_mix_within_the_budget(layer_sweep, offgrid, offgrid
 def test_sensitivity_cli_bad_input(default_gguf, f32_gguf, capsys):
     from jaxllama.cli import main
 
-    for args, msg in [(["--base", str(default_gguf), "--types", "Q4_K"], "already"),
+    for args, msg in [(["--base", str(default_gguf), "--types", "Q6_K"], "already"),
                       (["--base", str(f32_gguf), "--types", "Q4_K,Q9"], "not a type"),
                       (["--base", "/nonexistent.gguf"], "no such file")]:
         rc = main(["sensitivity", *args, "--file", GPL, "--ctx", "128", "--chunks", "2"])

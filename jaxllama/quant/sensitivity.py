@@ -253,9 +253,10 @@ def check_base(model: Any, types: Sequence[T]) -> None:
 
 def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], group: str = "layer", ctx: int = 512,
                 chunks: int | None = None, batch: int = 2, imatrix: dict[str, np.ndarray] | None = None,
-                seed: int = 0, progress: Callable[[str], None] | None = None) -> Sensitivity:
+                seed: int = 0, progress: Callable[[str], None] | None = None,
+                only: Sequence[str] | None = None) -> Sensitivity:
     """The sweep described in the module docstring. `model` must hold float32 weights
-    (`jaxllama.load(path, weights="float32")`)."""
+    (`jaxllama.load(path, weights="float32")`); `only` limits it to some groups (by name)."""
     t_start = time.perf_counter()
     qtypes = [parse_type(t, "--types") for t in types]
     if not qtypes:
@@ -265,6 +266,12 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
         raise InvalidInputError("sensitivity needs the base's float32 weights (load with weights='float32')")
     shapes = quantizable(model)
     groups = group_tensors(list(shapes), group)
+    if only is not None:
+        unknown = [g for g in only if g not in groups]
+        if unknown:
+            raise InvalidInputError(f"no group {unknown[0]!r} in a {group} sweep; groups: {', '.join(groups)}")
+        groups = {g: groups[g] for g in only}
+        shapes = {n: shapes[n] for g in groups.values() for n in g}
     c = model.config
     rows = chunk_rows(text_tokens(model, text), ctx, chunks, bos_for(model))
     tokens = np.stack([r.tokens for r in rows])
@@ -349,7 +356,8 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
                               sum(est[nm] for nm in names)))
             del swaps
         timings["candidates_s"] += time.perf_counter() - t0
-    rho = _rank_correlation(np.array([x.kld_mean for x in cells]), np.array([x.estimate for x in cells]))
+    rho = (_rank_correlation(np.array([x.kld_mean for x in cells]), np.array([x.estimate for x in cells]))
+           if len(cells) >= 3 else float("nan"))
     return Sensitivity(group, [t.name for t in qtypes], cells, positions, rho, time.perf_counter() - t_start,
                        sum(base_bytes_of.values()), {k: round(v, 2) for k, v in timings.items()})
 
