@@ -36,3 +36,41 @@ def bench_quant(path: Path, repeats: int) -> dict[str, Any]:
             out[name + label] = {"jaxllama_mb_s": round(mb / ours, 1), "llama_cpp_mb_s": round(mb / theirs, 1),
                                  "ratio": round(theirs / ours, 2)}
     return out
+
+
+def bench_sensitivity(path: Path, types: str = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", ctx: int = 512, chunks: int = 8) -> dict[str, Any]:
+    """The issue's sweep: layer groups x 5 K-quant types on `chunks * ctx` tokens (4,096) of a
+    licence text, on an off-grid F32 base made from `path` (cached next to the models). Reports the
+    wall time, its parts, and the floating-point work the candidates need (each resumes at its
+    layer: the layers from there on, and the head at the scored positions)."""
+    import time
+
+    from ..gguf.default_model import cache_dir
+    from ..loader import load
+    from ..quant.sensitivity import sensitivity
+    from ..reference.export import export_offgrid
+    from .sections import _score_text
+
+    base = cache_dir() / f"{Path(path).stem}.offgrid-F32.gguf"
+    if not base.exists():
+        export_offgrid(path, base)
+    model = load(base, weights="float32")
+    c = model.config
+    t0 = time.perf_counter()
+    r = sensitivity(model, _score_text(), types.split(","), "layer", ctx=ctx, chunks=chunks)
+    wall = time.perf_counter() - t0
+    per_layer = 2 * sum(int(np.prod(s)) for n, s in _layer_shapes(model).items())  # flops per token per layer
+    head = 2 * c.vocab_size * c.d_model
+    tokens, scored = chunks * ctx, r.positions
+    flops = sum((c.n_layer - (int(x.group.split(".")[1]) if x.group.startswith("blk.") else 0)) * per_layer * tokens
+                + head * scored for x in r.cells)
+    return {"base": str(base), "group": "layer", "types": r.types, "tokens": tokens, "cells": len(r.cells),
+            "wall_s": round(wall, 1), "parts_s": r.timings, "candidate_gflop": round(flops / 1e9),
+            "candidate_gflop_s": round(flops / 1e9 / max(r.timings["candidates_s"], 1e-9), 1),
+            "rank_correlation": round(r.rank_correlation, 3)}
+
+
+def _layer_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    from ..quant.sensitivity import quantizable
+
+    return {n: s for n, s in quantizable(model).items() if n.startswith("blk.0.")}

@@ -45,8 +45,9 @@ import numpy as np
 from .common import child_json, kernel_table, machine, peak_rss_mb, reset_peak_rss, run_child, timed
 
 SECTIONS = ("load", "prefill", "decode", "fill", "latency", "memory", "tracing", "tokenize", "scoring", "patching",
-            "quant", "device")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # `device` is for machines where llama.cpp's side is not the point
+            "quant", "sensitivity", "device")
+# `device` is for machines where llama.cpp's side is not the point; `sensitivity` takes ~20 minutes
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("device", "sensitivity"))
 LAYOUTS = ("native", "float32")
 CHAT = "Write one sentence about the sea."
 
@@ -405,6 +406,10 @@ def run(path: Path, sections: tuple[str, ...], repeats: int, threads: int, decod
         from .quant import bench_quant
 
         r["quant"] = bench_quant(path, repeats)
+    if "sensitivity" in sections:
+        from .quant import bench_sensitivity
+
+        r["sensitivity"] = bench_sensitivity(path)
     if "tokenize" in sections:
         r["tokenize_1mb"] = bench_tokenize(models["native"], path, repeats)
     del models

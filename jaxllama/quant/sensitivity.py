@@ -254,9 +254,10 @@ def check_base(model: Any, types: Sequence[T]) -> None:
 def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], group: str = "layer", ctx: int = 512,
                 chunks: int | None = None, batch: int = 2, imatrix: dict[str, np.ndarray] | None = None,
                 seed: int = 0, progress: Callable[[str], None] | None = None,
-                only: Sequence[str] | None = None) -> Sensitivity:
+                only: Sequence[str] | None = None, estimate: bool = True) -> Sensitivity:
     """The sweep described in the module docstring. `model` must hold float32 weights
-    (`jaxllama.load(path, weights="float32")`); `only` limits it to some groups (by name)."""
+    (`jaxllama.load(path, weights="float32")`); `only` limits it to some groups (by name);
+    `estimate=False` skips the Fisher estimate (its gradients)."""
     t_start = time.perf_counter()
     qtypes = [parse_type(t, "--types") for t in types]
     if not qtypes:
@@ -297,8 +298,8 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
     # 2. the Fisher diagonal from one gradient per chunk, targets sampled from the base
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    fisher: dict[str, np.ndarray] = {}
-    for k, bi in enumerate(batches):
+    fisher = {} if estimate else {name: np.zeros(s, np.float32) for name, s in shapes.items()}
+    for k, bi in enumerate(batches if estimate else []):
         lp = np.asarray(base_lp[k], np.float64)
         u = rng.random(lp.shape[:2])[..., None]
         sampled = (np.cumsum(np.exp(lp), axis=-1) < u).sum(-1).clip(0, c.vocab_size - 1).astype(np.int32)
@@ -357,7 +358,7 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
             del swaps
         timings["candidates_s"] += time.perf_counter() - t0
     rho = (_rank_correlation(np.array([x.kld_mean for x in cells]), np.array([x.estimate for x in cells]))
-           if len(cells) >= 3 else float("nan"))
+           if estimate and len(cells) >= 3 else float("nan"))
     return Sensitivity(group, [t.name for t in qtypes], cells, positions, rho, time.perf_counter() - t_start,
                        sum(base_bytes_of.values()), {k: round(v, 2) for k, v in timings.items()})
 
