@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
@@ -34,6 +35,19 @@ FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 _NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "token_types.weight",
                   "altup", "laurel", "per_layer_model_proj")
+
+
+@contextmanager
+def partial_file(path: Path) -> Iterator[Path]:
+    """Write to `PATH.partial`, renamed to `path` when the block ends; removed on any failure, so
+    no half-written output is ever left under either name."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def allows_quantization(name: str, n_dims: int) -> bool:
@@ -138,9 +152,8 @@ def quantize_file(base: str | os.PathLike, out: str | os.PathLike, qtype: str | 
                                         f"rows {n} (an importance matrix for another model?)")
     arch = str(reader.get_field("general.architecture").contents())
     file_type = FILE_TYPES[qt.name]
-    tmp = out.with_name(out.name + ".partial")
     result = QuantizedFile(out, int(file_type))
-    try:
+    with partial_file(out) as tmp:
         w = GGUFWriter(tmp, arch)
         for key, f in reader.fields.items():
             if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment",
@@ -183,10 +196,6 @@ def quantize_file(base: str | os.PathLike, out: str | os.PathLike, qtype: str | 
             w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
             result.tensors.append(QuantizedTensor(name, shape, src, target, int(data.nbytes), qw is not None))
         w.close()
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return result
 
 

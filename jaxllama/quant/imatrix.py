@@ -66,9 +66,10 @@ def write_imatrix(path: str | os.PathLike, im: Imatrix) -> Path:
     """llama-imatrix's GGUF output (float32 sums and counts)."""
     import gguf
 
+    from .file import partial_file
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    w = gguf.GGUFWriter(tmp, "imatrix")
+    w = gguf.GGUFWriter(path, "imatrix")
     # llama-imatrix writes no architecture key: drop the one GGUFWriter adds
     w.kv_data[0].pop("general.architecture", None)
     w.add_string("general.type", "imatrix")
@@ -79,15 +80,11 @@ def write_imatrix(path: str | os.PathLike, im: Imatrix) -> Path:
     for name in sorted(im.sums):
         w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(im.sums[name], np.float32))
         w.add_tensor(f"{name}.counts", np.asarray(im.counts[name], np.float32).reshape(-1, 1))
-    try:
-        w.write_header_to_file()
+    with partial_file(path) as tmp:
+        w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
