@@ -105,6 +105,7 @@ def test_choose_is_the_exact_knapsack_optimum():
         parse_budget("fast")
 
 
+@pytest.mark.llamacpp
 def test_budget_cli_writes_a_mix_within_the_budget(class_sweep, offgrid, offgrid_gguf, tmp_path, capsys):
     from jaxllama.cli import main
     from jaxllama.provenance import provenance
@@ -129,6 +130,19 @@ def test_budget_cli_writes_a_mix_within_the_budget(class_sweep, offgrid, offgrid
                for combo in itertools.product(range(2), repeat=len(opts))
                if sum(o[k][1] for o, k in zip(opts.values(), combo)) <= capacity)
     assert summary["budget"]["predicted_kld_sum"] == pytest.approx(best, rel=1e-9)
+    # llama.cpp loads and runs the mix, and agrees with jaxllama on the same file in distribution (as the
+    # other quantized files are checked: llama.cpp's 8-bit activations keep logits ~1e-2 apart)
+    from jaxllama.reference import LlamaCpp
+
+    mix = jaxllama.load(out)
+    tokens = mix.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    with LlamaCpp(out, n_ctx=32) as ref:
+        want = ref.logits(tokens).astype(np.float64)
+    got = mix.logits(tokens).astype(np.float64)
+    lw, lg = (a - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)) - a.max(-1, keepdims=True)
+              for a in (want, got))
+    assert np.mean(np.sum(np.exp(lw) * (lw - lg), axis=-1)) <= 0.02
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9
     for args, msg in [(["--budget", "2"], "smallest mix"), (["--budget", "fast"], "bits per weight"),
                       (["--budget", "5", "--type", "Q4_K"], "drop --type"), (["--budget", "5"], "--sweep")]:
         extra = ["--sweep", str(sweep)] if msg not in ("--sweep",) else []
