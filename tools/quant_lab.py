@@ -21,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllama.bench.common import machine
     from jaxllama.cli import main as cli
     from jaxllama.loader import load
-    from jaxllama.quant.file import FILE_TYPES, QuantizedFile  # noqa: F401
     from jaxllama.reference.quantize import llama_quantize
     from jaxllama.scoring.kld import kl_divergence
     from jaxllama.scoring.llamacpp import llamacpp_perplexity
