@@ -147,9 +147,9 @@ def test_quantize_file_without_imatrix_equals_llama_quantize(tmp_path, f32_gguf)
     from jaxllama.quant.file import FILE_TYPES, quantize_file
     from jaxllama.reference.quantize import llama_quantize
 
-    res = quantize_file(f32_gguf, tmp_path / "ours.gguf", "Q2_K")
-    assert {t.type.name for t in res.tensors} == {"F32", "Q2_K", "Q4_0"}
-    llama_quantize(f32_gguf, tmp_path / "ref.gguf", int(FILE_TYPES["Q2_K"]), pure=True)
+    res = quantize_file(f32_gguf, tmp_path / "ours.gguf", "Q6_K")
+    assert {t.type.name for t in res.tensors} == {"F32", "Q6_K", "Q8_0"}
+    llama_quantize(f32_gguf, tmp_path / "ref.gguf", int(FILE_TYPES["Q6_K"]), pure=True)
     _same_files(tmp_path / "ours.gguf", tmp_path / "ref.gguf")
     size = sum(int(np.asarray(t.data).nbytes) for t in gguf.GGUFReader(tmp_path / "ref.gguf").tensors)
     assert res.nbytes == size
