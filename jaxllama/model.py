@@ -654,8 +654,8 @@ def run_model(params: Params, tokens: jax.Array, config: LlamaConfig, run: Run, 
             carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
     x, bufs, kv = carry
     out_cache = None if kv is None else Cached(kv[0], kv[1], cached.start)
-    if not run.head:
-        return x, bufs, out_cache
+    if not run.head:  # the global probes captured so far (the embedding's) come back too
+        return x, {**bufs, **{n: glob[n] for n in spec.capture if n in glob}}, out_cache
     if run.last_only:  # the embedding's statistics first, for every token; then the head's, for the last
         emit_stats(spec, jnp.int32(-1), glob, valid, c.global_probes, positions)
         x, valid, positions, glob = x[:, -1:], valid[:, -1:], positions[:, -1:], {}

@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
 from ..errors import InvalidInputError
-from . import QUANT_TYPES, parse_type, quantize
+from . import parse_type, quantize
 
 T = GGMLQuantizationType
 # the ftype llama-quantize writes for each type name ("Q4_K" is its alias for Q4_K_M)
@@ -48,6 +48,25 @@ def partial_file(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, replace: Mapping[str, object] | None = None,
+                  drop: tuple[str, ...] = ()) -> None:
+    """Every metadata key of `reader` into `writer`, each with its own type, but GGUF's own fields,
+    the architecture and alignment (the writer sets them) and `drop`; `replace` gives new values."""
+    replace = replace or {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment", *drop):
+            continue
+        vtype = f.types[0]
+        writer.add_key_value(key, replace.get(key, f.contents()), vtype,
+                             sub_type=f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+
+
+def row_bytes(qtype: T, n: int) -> int:
+    """Bytes of one row of `n` values in type `qtype`."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return n // block * size
 
 
 def allows_quantization(name: str, n_dims: int) -> bool:
@@ -155,12 +174,7 @@ def quantize_file(base: str | os.PathLike, out: str | os.PathLike, qtype: str | 
     result = QuantizedFile(out, int(file_type))
     with partial_file(out) as tmp:
         w = GGUFWriter(tmp, arch)
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment",
-                                                  "general.file_type", "general.quantization_version"):
-                continue
-            vtype = f.types[0]
-            w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+        copy_metadata(reader, w, drop=("general.file_type", "general.quantization_version"))
         w.add_quantization_version(QUANTIZATION_VERSION)
         w.add_file_type(int(file_type))
         for key, value in (metadata or {}).items():
@@ -169,9 +183,9 @@ def quantize_file(base: str | os.PathLike, out: str | os.PathLike, qtype: str | 
         for name in order:
             t, target = tensors[name], targets[name]
             shape = tuple(int(d) for d in reversed(t.shape))
-            nbytes = int(np.prod(shape[:-1])) * shape[-1] // GGML_QUANT_SIZES[target][0] * GGML_QUANT_SIZES[target][1]
-            rows = int(np.prod(shape[:-1]))
-            w.add_tensor_info(name, (*shape[:-1], nbytes // rows), np.dtype(np.uint8), nbytes, raw_dtype=target)
+            row = row_bytes(target, shape[-1])
+            w.add_tensor_info(name, (*shape[:-1], row), np.dtype(np.uint8), row * int(np.prod(shape[:-1])),
+                              raw_dtype=target)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

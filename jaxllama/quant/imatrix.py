@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from ..errors import InvalidInputError
@@ -185,7 +186,7 @@ def chunks_of(tokens: Sequence[int], n_ctx: int, bos: int | None, limit: int | N
     return out
 
 
-@partial(__import__("jax").jit, static_argnames=("config", "probes", "act_quant"))
+@partial(jax.jit, static_argnames=("config", "probes", "act_quant"))
 def _square_sums(params: Any, tokens: Any, config: Any, probes: tuple[str, ...], act_quant: Any) -> dict:
     import jax.numpy as jnp
 
@@ -210,14 +211,8 @@ def compute_imatrix(model: Any, chunks: np.ndarray, batch: int = 1, process_outp
         probes += ("result_norm",)
     acc: dict[str, np.ndarray] = {}
     n = len(chunks)
-    for i in range(0, n, batch):
-        part = chunks[i:i + batch]
-        if len(part) < batch:  # pad the last batch with copies (their sums are dropped below)
-            part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)])
-        sums = _square_sums(model.params, jnp.asarray(part), c, probes, model.act_quant)
-        real = min(batch, n - i)
-        if real < batch:  # recompute exactly on the real rows only, rather than subtract
-            sums = _square_sums(model.params, jnp.asarray(chunks[i:n]), c, probes, model.act_quant)
+    for i in range(0, n, batch):  # a short last batch runs as it is (one more compilation)
+        sums = _square_sums(model.params, jnp.asarray(chunks[i:i + batch]), c, probes, model.act_quant)
         for k, v in sums.items():
             v = np.asarray(v, np.float64)
             acc[k] = v if k not in acc else acc[k] + v

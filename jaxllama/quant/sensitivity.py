@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -30,13 +31,14 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..gguf.convert import LAYER_MATRICES
-from ..model import Run, embed, head, positions_and_mask, run_model
-from ..scoring.kernels import _head_blocks
+from ..analysis import rank_correlation
+from ..model import Run, head, positions_and_mask, run_model
+from ..scoring.kernels import _head_blocks, kl_reduce
 from ..scoring.kld import kl_summary
 from ..scoring.perplexity import bos_for, chunk_rows, text_tokens
 from ..tracing.probes import ProbeSpec
 from . import parse_type, quantize
-from .file import allows_quantization, with_fallback
+from .file import allows_quantization, row_bytes, with_fallback
 
 T = gguf.GGMLQuantizationType
 GROUPS = ("layer", "tensor", "class")
@@ -115,12 +117,6 @@ class Sensitivity:
                 "cells": [{**c.__dict__, "kl_per_byte_saved": c.kl_per_byte_saved} for c in self.cells]}
 
 
-def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    from ..analysis import rank_correlation
-
-    return float(rank_correlation(np.asarray(a, np.float64), np.asarray(b, np.float64)))
-
-
 # ---- the jitted programs ------------------------------------------------------------------------
 
 @partial(jax.jit, static_argnames=("config",))
@@ -129,11 +125,10 @@ def _base_pass(params: Any, tokens: jax.Array, at: jax.Array, config: Any) -> tu
     log-softmax at positions `at` `[B, N, V]`)."""
     c = config
     positions, vis = positions_and_mask(tokens, None)
-    p = params["params"]
-    x0 = embed(p, tokens, c)
-    spec = ProbeSpec(capture=("l_out",))
+    first = "inp_scaled" if "inp_scaled" in c.global_probes else "inp_embd"  # the stream entering layer 0
+    spec = ProbeSpec(capture=(first, "l_out"))
     x, caps, _ = run_model(params, tokens, c, Run(spec, head=False), positions, vis, vis.key_ok)
-    entering = jnp.concatenate([x0[None], caps["l_out"]])
+    entering = jnp.concatenate([caps[first][None], caps["l_out"]])
     h = jnp.take_along_axis(x, at[:, :, None], axis=1)
     lp = _head_blocks(params, h, c, (), lambda logits: logits - jax.nn.logsumexp(logits, -1, keepdims=True))
     return entering, lp
@@ -157,14 +152,7 @@ def _candidate(params: Any, swaps: dict, tokens: jax.Array, entering: jax.Array,
     resume = None if from_embedding else (entering, start)
     x, _, _ = run_model(params, tokens, c, Run(ProbeSpec(), head=False), positions, vis, vis.key_ok, resume=resume)
     h = jnp.take_along_axis(x, at[:, :, None], axis=1)
-
-    def reduce(logits: jax.Array, tgt: jax.Array, lp_base: jax.Array) -> dict[str, jax.Array]:
-        lp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        pick = lambda a: -jnp.take_along_axis(a, tgt[..., None], axis=-1)[..., 0]  # noqa: E731
-        return {"kld": jnp.sum(jnp.exp(lp_base) * (lp_base - lp), axis=-1), "nll": pick(lp),
-                "nll_base": pick(lp_base), "same_top": jnp.argmax(lp, -1) == jnp.argmax(lp_base, -1)}
-
-    return _head_blocks(params, h, c, (), reduce, targets, base_lp)
+    return _head_blocks(params, h, c, (), kl_reduce, targets, base_lp)
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -233,20 +221,16 @@ def _swaps(params: Any, values: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in out.items()}
 
 
-def row_bytes(qtype: T, n: int) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return n // block * size
-
-
 # ---- the sweep ------------------------------------------------------------------------------------
 
-def check_base(model: Any, types: Sequence[T]) -> None:
-    """The base must be float (or quantized with more bits than every candidate type)."""
+def check_base(model: Any, types: Sequence[T], names: Sequence[str]) -> None:
+    """The base's tensors `names` must be float (or quantized with more bits than every candidate type)."""
     bpw = {t: 8 * gguf.GGML_QUANT_SIZES[t][1] / gguf.GGML_QUANT_SIZES[t][0] for t in T if t in gguf.GGML_QUANT_SIZES}
     floor = max(bpw[t] for t in types)
-    for name, tname in model.tensor_types.items():
+    for name in names:
+        tname = model.tensor_types[name]
         t = T[tname]
-        if name in quantizable(model) and t not in (T.F32, T.F16, T.BF16) and bpw[t] <= floor:
+        if t not in (T.F32, T.F16, T.BF16) and bpw[t] <= floor:
             raise InvalidInputError(f"{model.source}: tensor {name} is already {tname} ({bpw[t]:.2f} bits per weight), "
                                     f"not above the candidate types; use an F32, F16 or BF16 base")
 
@@ -262,10 +246,10 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
     qtypes = [parse_type(t, "--types") for t in types]
     if not qtypes:
         raise InvalidInputError("--types: give at least one type")
-    check_base(model, qtypes)
+    shapes = quantizable(model)
+    check_base(model, qtypes, list(shapes))
     if model.dtype != "float32":
         raise InvalidInputError("sensitivity needs the base's float32 weights (load with weights='float32')")
-    shapes = quantizable(model)
     groups = group_tensors(list(shapes), group)
     if only is not None:
         unknown = [g for g in only if g not in groups]
@@ -298,14 +282,12 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
     # 2. the Fisher diagonal from one gradient per chunk, targets sampled from the base
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    fisher = {} if estimate else {name: np.zeros(s, np.float32) for name, s in shapes.items()}
+    fisher: dict[str, np.ndarray] = {}
     for k, bi in enumerate(batches if estimate else []):
         lp = np.asarray(base_lp[k], np.float64)
         u = rng.random(lp.shape[:2])[..., None]
         sampled = (np.cumsum(np.exp(lp), axis=-1) < u).sum(-1).clip(0, c.vocab_size - 1).astype(np.int32)
-        for j, row in enumerate(bi):
-            if j >= b or (k == len(batches) - 1 and j >= b - pad):
-                continue
+        for j, row in enumerate(bi[: b if k < len(batches) - 1 else b - pad]):  # not the padding rows
             g = _sampled_nll_grad(params, jnp.asarray(tokens[row][None]), jnp.asarray(at[row][None]),
                                   jnp.asarray(sampled[j][None]), c)
             for name in shapes:
@@ -331,7 +313,7 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
             else:
                 blocks = quantize(w, eff, None if imatrix is None else imatrix.get(name))
                 deq[name] = gguf.quants.dequantize(blocks, eff).reshape(w.shape).astype(np.float32)
-            est[name] = 0.5 * float(np.sum(fisher[name] * (deq[name] - w).astype(np.float64) ** 2))
+            est[name] = 0.5 * float(np.sum(fisher[name] * (deq[name] - w).astype(np.float64) ** 2)) if estimate else 0.0
         timings["quantize_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         for gname, names in groups.items():
@@ -350,14 +332,13 @@ def sensitivity(model: Any, text: str | Sequence[int], types: Sequence[str], gro
                     out[key].append(np.asarray(r[key])[:keep])
             kld, nll, nll_base, same = (np.concatenate(out[k]) for k in ("kld", "nll", "nll_base", "same_top"))
             s = kl_summary(kld, nll, nll_base, same)
-            cells.append(Cell(gname, qt.name, dict(sorted({t: [used[nm] for nm in names].count(t)
-                                                             for t in {used[nm] for nm in names}}.items())),
+            cells.append(Cell(gname, qt.name, dict(sorted(Counter(used[nm] for nm in names).items())),
                               sum(nbytes[nm] for nm in names), sum(base_bytes_of[nm] for nm in names),
                               s["kld_mean"], s["kld_percentiles"]["99"], s["same_top_rate"],
                               sum(est[nm] for nm in names)))
             del swaps
         timings["candidates_s"] += time.perf_counter() - t0
-    rho = (_rank_correlation(np.array([x.kld_mean for x in cells]), np.array([x.estimate for x in cells]))
+    rho = (rank_correlation(np.array([x.kld_mean for x in cells]), np.array([x.estimate for x in cells]))
            if estimate and len(cells) >= 3 else float("nan"))
     return Sensitivity(group, [t.name for t in qtypes], cells, positions, rho, time.perf_counter() - t_start,
                        sum(base_bytes_of.values()), {k: round(v, 2) for k, v in timings.items()})

@@ -21,19 +21,13 @@ def _rewrite(src: str | os.PathLike, dst: str | os.PathLike, file_type: int,
     `convert(name, float32 values) -> (data, raw_dtype or None)`."""
     import gguf
 
+    from ..quant.file import copy_metadata
+
     reader = gguf.GGUFReader(src)
     arch = reader.get_field("general.architecture").contents()
     tmp = Path(f"{dst}.partial-{os.getpid()}")  # several processes may make the same cached file
     writer = gguf.GGUFWriter(tmp, arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = field.contents()
-        if name == "general.file_type":
-            value = int(file_type)
-        writer.add_key_value(name, value, vtype, sub_type=sub)
+    copy_metadata(reader, writer, replace={"general.file_type": int(file_type)})
     for t in reader.tensors:
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         data, raw = convert(t.name, values.reshape(tuple(int(d) for d in reversed(t.shape))))

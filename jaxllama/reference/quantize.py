@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -20,9 +19,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 @lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    import llama_cpp
+    from .control_vector import _ggml as ggml_base
 
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib = ggml_base()
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

@@ -79,18 +79,19 @@ def score_rows(params: Params, tokens: jax.Array, valid: jax.Array, at: jax.Arra
 
 def kl_rows(params: Params, tokens: jax.Array, valid: jax.Array, at: jax.Array, targets: jax.Array,
             base: jax.Array, *, config: LlamaConfig, act_quant: tuple | None) -> dict[str, jax.Array]:
-    """Per position, against base log-probs `base [B, N, V]`: `kld` = KL(base || model) in nats,
-    `nll` and `nll_base` of the target, `same_top` (both argmaxes agree)."""
-
-    def reduce(logits: jax.Array, tgt: jax.Array, lp_base: jax.Array) -> dict[str, jax.Array]:
-        lp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        kld = jnp.sum(jnp.exp(lp_base) * (lp_base - lp), axis=-1)
-        pick = lambda a: -jnp.take_along_axis(a, tgt[..., None], axis=-1)[..., 0]  # noqa: E731
-        same = jnp.argmax(logits, axis=-1) == jnp.argmax(lp_base, axis=-1)
-        return {"kld": kld, "nll": pick(lp), "nll_base": pick(lp_base), "same_top": same}
-
+    """Per position, against base log-probs `base [B, N, V]`: see `kl_reduce`."""
     x = _hidden_at(params, tokens, valid, at, config, act_quant)
-    return _head_blocks(params, x, config, act_quant or (), reduce, targets, base)
+    return _head_blocks(params, x, config, act_quant or (), kl_reduce, targets, base)
+
+
+def kl_reduce(logits: jax.Array, tgt: jax.Array, lp_base: jax.Array) -> dict[str, jax.Array]:
+    """A block of logits against base log-probs: `kld` = KL(base || model) in nats, `nll` and
+    `nll_base` of the target, `same_top` (both argmaxes agree)."""
+    lp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    kld = jnp.sum(jnp.exp(lp_base) * (lp_base - lp), axis=-1)
+    pick = lambda a: -jnp.take_along_axis(a, tgt[..., None], axis=-1)[..., 0]  # noqa: E731
+    same = jnp.argmax(logits, axis=-1) == jnp.argmax(lp_base, axis=-1)
+    return {"kld": kld, "nll": pick(lp), "nll_base": pick(lp_base), "same_top": same}
 
 
 _COMPILED: dict[Any, Any] = {}
